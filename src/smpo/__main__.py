@@ -1,0 +1,5 @@
+import sys
+
+from smpo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""Safe file output shared by every command: atomic writes, resumable shards, no silent overwrite.
+
+Long jobs (labelling, caching, generation, evaluation, training) write their results in pieces.
+A piece becomes visible under its final name only once it is complete (written to a temporary
+name in the same folder, then renamed), so a killed job never leaves a half-written piece that a
+resumed job would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class OutputExistsError(FileExistsError):
+    """An output already exists and the caller did not ask to overwrite or resume it."""
+
+
+def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = True) -> Path:
+    """Create ``path`` for a job's output.
+
+    An existing non-empty folder is resumed when ``resume`` is true (the job skips pieces that
+    are already finished), cleared when ``overwrite`` is true, and refused otherwise.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not resume:
+            raise OutputExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Works for a file or a folder written at the temporary path.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        if final.is_dir() and not final.is_symlink():
+            # os.replace cannot replace a non-empty folder: move the old one aside first.
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(target, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` means the best available device: CUDA, then Apple MPS, then the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """Parse ``fp32``/``fp16``/``bf16``; ``None`` means fp16 on CUDA and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float16 if device is not None and device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(sorted(_DTYPES))}") from None
