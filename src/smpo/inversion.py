@@ -1,0 +1,183 @@
+"""Few-step DDIM inversion with ReNoise (SmPO Sec. 4.2, Eq. 13-14; ALGORITHM.md section 3).
+
+Everything here depends only on a noise predictor ``eps_fn(x, t) -> eps`` (a batch and a
+``LongTensor[B]`` of per-sample timesteps) and the scheduler's ``alphas_cumprod``; nothing knows
+about UNets or diffusers objects.
+
+The DDIM inversion step from level ``s`` to a higher level ``s'`` with noise estimate ``e``::
+
+    x0_hat = (x_s - sqrt(1 - abar[s]) e) / sqrt(abar[s])
+    x_s'   = sqrt(abar[s']) x0_hat + sqrt(1 - abar[s']) e
+
+The clean image is the level ``CLEAN = -1`` with ``abar = 1``.
+
+Two ways to walk the grid (``land_on_t``):
+
+* ``True`` (default, the paper's Eq. 13): the grid levels are those of diffusers'
+  ``DDIMInverseScheduler.set_timesteps(num_steps)`` (``k * T // num_steps + steps_offset``); each
+  sample walks the grid levels strictly below its ``t``, then takes one more (renoised) step from
+  the last of them exactly to ``t``. Noise is estimated at the destination level of each step,
+  ``e0 = eps(x_s, s')``, as diffusers' inversion loops and ReNoise do.
+* ``False``: the authors' training script as it runs with the diffusers release it pins (0.20).
+  Its grid is ``k * T // num_steps + steps_offset - T // num_steps`` (``[-199, 1, 201, 401, 601]``
+  for 5 steps); every grid point ``u < t`` is a step from ``u`` to ``u + T // num_steps`` with the
+  noise estimated at ``(x, u)`` (the first call gets the negative timestep ``u = -199``, whose
+  level is the clean image). The latent ends at the smallest level ``>= t`` of
+  ``{1, 201, ..., 801}`` (``t > 801`` stays at 801), not at ``t``. (From diffusers 0.22 on, the
+  same loop ends at the largest level below ``t`` instead.)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+EpsFn = Callable[..., Tensor]
+CLEAN = -1  # the level of the clean image, abar = 1
+
+
+def _abar(alphas_cumprod: Tensor, levels: Tensor) -> Tensor:
+    """``abar`` at integer levels; levels below 0 are the clean image (abar = 1)."""
+    ac = alphas_cumprod.to(device=levels.device, dtype=torch.float64)
+    return torch.where(levels >= 0, ac[levels.clamp(min=0)], torch.ones_like(ac[0]))
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def ddim_step(x_s: Tensor, eps: Tensor, abar_s: Tensor, abar_next: Tensor) -> Tensor:
+    """One deterministic DDIM move from ``abar_s`` to ``abar_next`` (either direction), per sample.
+
+    ``x0_hat = (x_s - sqrt(1 - abar_s) eps) / sqrt(abar_s)``;
+    ``x_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next) eps``.
+    """
+    abar_s, abar_next = _bcast(abar_s, x_s), _bcast(abar_next, x_s)
+    x0_hat = (x_s - (1 - abar_s).sqrt() * eps) / abar_s.sqrt()
+    return abar_next.sqrt() * x0_hat + (1 - abar_next).sqrt() * eps
+
+
+def implied_noise(x_t: Tensor, x0: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """The noise that puts ``x0`` at ``x_t`` on level ``t``: ``(x_t - sqrt(abar[t]) x0) / sqrt(1 - abar[t])``."""
+    abar = _bcast(_abar(alphas_cumprod, t.long()), x_t)
+    return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def guided_eps_fn(eps_cond: EpsFn, eps_uncond: EpsFn | None, guidance: float) -> EpsFn:
+    """Classifier-free guidance: ``e = e_uncond + w (e_cond - e_uncond)``.
+
+    With ``guidance == 1`` this is ``eps_cond`` itself (no unconditional evaluation), which the
+    paper's Table 6 finds best for inversion.
+    """
+    if guidance == 1.0:
+        return eps_cond
+    if eps_uncond is None:
+        raise ValueError(f"guidance {guidance} != 1 needs an unconditional noise predictor")
+    cond_index, uncond_index = _accepts_index(eps_cond), _accepts_index(eps_uncond)
+
+    def guided(x: Tensor, t: Tensor, index: Tensor | None = None) -> Tensor:
+        e_c = eps_cond(x, t, index=index) if cond_index else eps_cond(x, t)
+        e_u = eps_uncond(x, t, index=index) if uncond_index else eps_uncond(x, t)
+        return e_u + guidance * (e_c - e_u)
+
+    return guided
+
+
+def _accepts_index(fn: EpsFn) -> bool:
+    """Whether ``fn`` takes ``index=`` (the batch rows it is called on), so it can be run on a subset."""
+    try:
+        return "index" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def inversion_grid(num_steps: int, num_train_timesteps: int, *, land_on_t: bool = True,
+                   steps_offset: int = 1) -> Tensor:
+    """The levels a step of the inversion lands on (``land_on_t=True``), or the authors' UNet-call
+    grid (``land_on_t=False``, see the module docstring)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    ratio = num_train_timesteps // num_steps
+    levels = torch.arange(num_steps) * ratio + steps_offset
+    return levels if land_on_t else levels - ratio
+
+
+def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor, *, num_steps: int,
+                   renoise_iters: int = 1, land_on_t: bool = True, return_trajectory: bool = False,
+                   steps_offset: int = 1) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """Invert DDIM from the clean ``x0`` up to level ``t`` (per sample), with ReNoise (Eq. 13-14).
+
+    Args:
+        eps_fn: ``eps_fn(x, t)`` predicts the noise of a batch at per-sample levels. If it also
+            accepts ``index=`` (the rows of the full batch it is given), it is called only on the
+            samples still inverting, which saves network evaluations when ``t`` differs per sample.
+        x0: clean latents ``[B, ...]``.
+        t: ``LongTensor[B]``, the level each sample stops at.
+        alphas_cumprod: the scheduler's cumulative product of alphas, ``[T]``.
+        num_steps: size of the inversion grid over ``[0, T)``.
+        renoise_iters: 0 is plain DDIM inversion; each iteration evaluates the noise at the new
+            point and re-steps from the start point with the average of all estimates so far.
+        land_on_t: end exactly at ``t`` (default), or reproduce the authors' grid (module docstring).
+        return_trajectory: also return the visited points, a list of ``(levels[B], latents)`` in
+            ascending order, the last being the returned point. A sample that has finished keeps
+            repeating its last point while others go on. The clean start is not included.
+        steps_offset: the scheduler's ``steps_offset`` (1 for SD1.5 and SDXL).
+
+    Returns:
+        ``x_t`` (and the trajectory). Compute the target noise with `implied_noise`.
+    """
+    if renoise_iters < 0:
+        raise ValueError(f"renoise_iters must be >= 0; got {renoise_iters}")
+    t = torch.as_tensor(t, device=x0.device).long().reshape(-1)
+    if t.shape[0] != x0.shape[0]:
+        raise ValueError(f"t has {t.shape[0]} entries for a batch of {x0.shape[0]}")
+    T = alphas_cumprod.shape[0]
+    if bool(((t < 0) | (t >= T)).any()):
+        raise ValueError(f"t must lie in [0, {T}); got {t.tolist()}")
+    grid = inversion_grid(num_steps, T, land_on_t=land_on_t, steps_offset=steps_offset).to(x0.device)
+    ratio = T // num_steps
+    with_index = _accepts_index(eps_fn)
+
+    def predict(x: Tensor, levels: Tensor, rows: Tensor) -> Tensor:
+        if with_index:
+            return eps_fn(x, levels, index=rows)
+        return eps_fn(x, levels)
+
+    x = x0.clone()
+    level = torch.full_like(t, CLEAN)
+    trajectory: list[tuple[Tensor, Tensor]] = []
+
+    def step(rows: Tensor, frm: Tensor, to: Tensor, eval_at: Tensor) -> None:
+        """ReNoise step of the samples ``rows`` from level ``frm`` to level ``to``."""
+        full = rows.numel() == x.shape[0]
+        x_s = x if full else x[rows]
+        abar_s, abar_to = _abar(alphas_cumprod, frm), _abar(alphas_cumprod, to)
+        eps_sum = predict(x_s, eval_at, rows)
+        x_new = ddim_step(x_s, eps_sum, abar_s, abar_to)
+        for i in range(1, renoise_iters + 1):
+            eps_sum = eps_sum + predict(x_new, eval_at, rows)
+            x_new = ddim_step(x_s, eps_sum / (i + 1), abar_s, abar_to)
+        x[rows] = x_new
+        level[rows] = to
+        if return_trajectory:
+            trajectory.append((level.clone(), x.clone()))
+
+    for u in grid.tolist():
+        rows = torch.nonzero(u < t).flatten()  # grid points below each sample's t
+        if rows.numel() == 0:
+            break
+        if land_on_t:
+            dest = torch.full_like(rows, u)
+            step(rows, level[rows], dest, dest)
+        else:
+            at = torch.full_like(rows, u)
+            step(rows, at, at + ratio, at)
+    if land_on_t:
+        rows = torch.arange(x.shape[0], device=x.device)
+        step(rows, level.clone(), t, t)
+
+    x_t = x
+    return (x_t, trajectory) if return_trajectory else x_t
