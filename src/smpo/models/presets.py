@@ -9,7 +9,6 @@ user's checkpoint takes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,8 +90,13 @@ def build_pipeline(family: Family = "sd15", preset: Preset = "tiny", *, seed: in
     """A diffusers pipeline of ``family`` with the ``preset`` architecture and random weights."""
     import tempfile
 
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if (family, preset) not in _UNET:
