@@ -101,7 +101,10 @@ def tokenizer_beside(checkpoint: str | Path) -> Path | None:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a checkpoint file (``.safetensors`` or a torch pickle read with ``weights_only=True``).
 
-    Unwraps ``{"state_dict": ...}`` (HPS v2 checkpoints) and strips a ``module.`` prefix (DDP).
+    Unwraps ``{"state_dict": ...}`` (HPS v2 checkpoints, whose reference loader reads
+    ``checkpoint["state_dict"]``; other entries such as an epoch number are ignored) and strips a
+    ``module.`` prefix (DDP). Pickles that need more than tensors and plain containers are refused
+    (``weights_only=True``) with a message saying how to convert them.
     """
     path = Path(path)
     if not path.is_file():
@@ -114,7 +117,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {error}") from error
+            raise ValueError(
+                f"cannot read {path} as a weights-only torch checkpoint ({error}); if you trust the file, "
+                "re-save its tensors once, e.g. torch.load(path, weights_only=False)['state_dict'] written "
+                "with safetensors.torch.save_file, and pass the .safetensors file") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

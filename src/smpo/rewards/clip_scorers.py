@@ -9,9 +9,11 @@ they differ in weights, multiplier and image preprocessing:
 | clip       | ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``       | 100                     | ``clip_center_crop`` |
 | hpsv2.1    | HPS v2.1 open_clip ViT-H-14 state dict         | 100                     | ``pad_to_square``    |
 
-PickScore's ``logit_scale.exp()`` is 100 for the released checkpoint (the CLIP clamp); the raw
-cosine, which the SmPO authors normalise into ``p_win`` (ALGORITHM.md section 2), is
-:meth:`ClipSimilarityScorer.cosine`.
+PickScore's ``logit_scale.exp()`` is read from the checkpoint (about 100: CLIP-H's value, fine-tuned
+unclamped at a small learning rate); the raw cosine, which the SmPO authors normalise into ``p_win``
+(ALGORITHM.md section 2), is :meth:`ClipSimilarityScorer.cosine`. For HPS v2.1 the raw cosine is
+what ``hpsv2.score`` returns, and 100 x cosine is the scale of HPS v2's benchmark tables and of the
+paper's, which this scorer returns.
 """
 
 from __future__ import annotations
@@ -156,5 +158,5 @@ def load_hpsv21(path: str | os.PathLike | None = None, *, device: torch.device, 
     else:
         model, tokenizer = _load_clip_folder(path, LAION_CLIP_H)
     return ClipSimilarityScorer(model, tokenizer, name="hpsv2.1", transform=pad_to_square, multiplier=100.0,
-                                scale="100 x cosine, in [-100, 100] (typically 25-35)",
+                                scale="100 x cosine (hpsv2.score returns the cosine itself), typically 25-35",
                                 device=device, dtype=dtype, batch_size=batch_size)

@@ -7,14 +7,17 @@ Score (ALGORITHM.md section 7)::
     raw = head(h[:, 0])                               # the [CLS] feature through the linear stack
     score = (raw - 0.16717362830052426) / 1.0333394966054072
 
-Prompts are BERT-uncased tokens, ``[CLS] ... [SEP]``, padded / truncated to 35 tokens. Images use
-the OpenAI CLIP transform at 224 (:func:`smpo.rewards.preprocess.clip_center_crop`).
+Prompts are BERT-uncased tokens, ``[CLS] ... [SEP]``, padded / truncated to 35 tokens (the ids are
+used as tokenized: no ``[ENC]`` in place of ``[CLS]``). Images use the OpenAI CLIP transform at 224
+(:func:`smpo.rewards.preprocess.clip_center_crop`: resize and crop, then RGB, as ImageReward's).
 
 The published checkpoint's layout (``ImageReward.pt``, a flat state dict):
 ``blip.visual_encoder.*`` (timm/BLIP ViT: ``cls_token``, ``pos_embed``, ``patch_embed.proj``,
 ``blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``),
 ``blip.text_encoder.*`` (BLIP's ``med.py`` BERT, the names transformers' ``BlipTextModel`` kept),
-``mlp.layers.*`` (the head), plus ``blip.vision_proj``/``blip.text_proj`` which scoring does not use.
+``mlp.layers.*`` (the head), plus ``blip.vision_proj``/``blip.text_proj`` which scoring does not use
+and the ``blip.text_encoder.embeddings.position_ids`` buffer, which is dropped (see docs/scorers.md,
+"Verified against", for the reference files these names were read from).
 
 Local folder format: ``vision/`` (``BlipVisionModel``), ``text/`` (``BlipTextModel``),
 ``tokenizer/`` (a BERT tokenizer), ``head.safetensors`` (``layers.*``). A file path is read as the
