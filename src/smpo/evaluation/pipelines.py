@@ -1,0 +1,141 @@
+"""Load a text-to-image pipeline for evaluation: a base model, optionally with a trained UNet or LoRA,
+a different scheduler, or a ControlNet.
+
+- The base model is a diffusers pipeline folder or hub id; its family (``sd15`` or ``sdxl``) is read
+  from ``model_index.json`` (``StableDiffusionXL...`` class names are SDXL).
+- A trained output is either a full UNet (a folder with ``config.json`` of a
+  ``UNet2DConditionModel``, directly or in a ``unet/`` subfolder, loaded with
+  ``UNet2DConditionModel.from_pretrained``) or a LoRA in the diffusers format
+  (``pytorch_lora_weights.safetensors``, directly or in a ``lora/`` subfolder, loaded with
+  ``pipeline.load_lora_weights``). An `smpo train` run's ``final/`` folder is either.
+- A ControlNet (``ControlNetModel`` folder or hub id) turns the pipeline into the family's
+  ControlNet pipeline sharing the same components (``from_pipe``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("sd15", "sdxl")
+# Paper Appendix D: CFG 7.5 for SD1.5 and 5 for SDXL.
+FAMILY_GUIDANCE_SCALE = {"sd15": 7.5, "sdxl": 5.0}
+LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def _read_json(model: str | os.PathLike, filename: str, subfolder: str | None = None) -> dict[str, Any]:
+    """``filename`` of a local folder, or downloaded from the hub when ``model`` is not a folder."""
+    local = Path(model) / (subfolder or "") / filename
+    if Path(model).is_dir():
+        if not local.is_file():
+            raise FileNotFoundError(f"{local} not found")
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(str(model), filename, subfolder=subfolder)).read_text())
+
+
+def detect_family(model: str | os.PathLike) -> str:
+    """``sd15`` or ``sdxl`` from the pipeline class named in ``model_index.json``."""
+    try:
+        class_name = _read_json(model, "model_index.json")["_class_name"]
+    except (FileNotFoundError, KeyError) as e:
+        raise ValueError(f"{model}: not a diffusers pipeline (no usable model_index.json: {e})") from None
+    if "StableDiffusionXL" in class_name:
+        return "sdxl"
+    if "StableDiffusion" in class_name:
+        return "sd15"
+    raise ValueError(f"{model}: pipeline class {class_name!r} is neither an SD1.5 nor an SDXL pipeline")
+
+
+def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: str | os.PathLike | None = None,
+                  lora_scale: float = 1.0, scheduler: str | None = None, controlnet: str | os.PathLike | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  safety_checker: bool = False):
+    """The pipeline used by :func:`smpo.evaluation.generate.generate`, and its family."""
+    import diffusers
+
+    family = family or detect_family(model)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if family == "sd15" and not safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    trained = trained_output_kind(unet) if unet is not None else None
+    if trained is not None and trained[0] == "unet":
+        kwargs["unet"] = load_trained_unet(unet, dtype=dtype)
+    pipe = cls.from_pretrained(model, **kwargs)
+    if trained is not None and trained[0] == "lora":
+        pipe.load_lora_weights(trained[1], adapter_name="trained")
+        pipe.set_adapters(["trained"], adapter_weights=[lora_scale])
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if controlnet is not None:
+        cn = diffusers.ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype)
+        cn_cls = diffusers.StableDiffusionXLControlNetPipeline if family == "sdxl" else diffusers.StableDiffusionControlNetPipeline
+        pipe = cn_cls.from_pipe(pipe, controlnet=cn)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), family
+
+
+def trained_output_kind(path: str | os.PathLike) -> tuple[str, str, str | None]:
+    """What a trained output holds: ``(kind, location, subfolder)``.
+
+    ``kind`` is ``unet`` (load ``location``/``subfolder`` with ``UNet2DConditionModel``) or ``lora``
+    (``load_lora_weights(location)``). Accepted layouts: a UNet folder (``config.json``), a folder
+    with ``unet/`` (a pipeline folder, or an `smpo train` run's ``final/``), a LoRA folder
+    (``pytorch_lora_weights.safetensors``) or a folder with ``lora/`` holding one; local or on the hub.
+    """
+    location = str(path)
+    if Path(path).is_dir():
+        def has(name: str) -> bool:
+            return (Path(path) / name).is_file()
+    else:
+        from huggingface_hub import list_repo_files
+
+        files = set(list_repo_files(location))
+
+        def has(name: str) -> bool:
+            return name in files
+    if has("unet/config.json"):
+        return "unet", location, "unet"
+    if has("config.json"):
+        return "unet", location, None
+    for sub in ("", "lora/"):
+        if any(has(sub + name) for name in LORA_FILES):
+            return "lora", location if not sub else f"{location.rstrip('/')}/lora", None
+    raise ValueError(f"{path}: neither a UNet (config.json, or unet/config.json) nor a diffusers LoRA "
+                     f"({' / '.join(LORA_FILES)}, or lora/ holding one)")
+
+
+def load_trained_unet(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+    """A full trained UNet from ``path`` or ``path/unet``."""
+    from diffusers import UNet2DConditionModel
+
+    kind, location, subfolder = trained_output_kind(path)
+    if kind != "unet":
+        raise ValueError(f"{path} holds a LoRA, not a full UNet")
+    return UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, torch_dtype=dtype)
+
+
+def make_scheduler(name: str, config: Any):
+    """A scheduler named in :data:`SCHEDULERS`, built from the pipeline's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
