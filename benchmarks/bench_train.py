@@ -1,0 +1,480 @@
+"""Training-step benchmark: seconds per pair, UNet evaluations per pair and peak memory per method.
+
+A script, not a test. For one architecture preset (``tiny``, ``sd15``, ``sdxl``: diffusers models
+built from their configs with random weights, no download) it times an optimizer step of every
+method, full fine-tuning and LoRA, and writes the results as JSON plus a markdown table, row by
+row (a crash keeps the finished rows).
+
+Rows:
+
+- ``smpo``: our SmPO with the authors' inversion settings (their grid, ``land_on_t=False``, one
+  renoise iteration, 5 grid steps for SD1.5 and 10 for SDXL), inverting with the policy.
+- ``smpo-land-on-t``: the same with our default, the inversion ending exactly at ``t``.
+- ``dpo``, ``kto``, ``mapo``, ``sft``: the baselines (forward noising). KTO's pair is its two images.
+- ``authors-recipe`` (full mode only): what the authors' script does each step: one pair, the VAE
+  and the text encoder run every step, two full UNets (trainable policy + separate frozen
+  reference), inversion by the policy on their grid with one renoise iteration.
+
+Our rows read latents and text conditioning as ``smpo cache`` stores them (random tensors of the
+right shapes: loading them is not timed), take ``--pairs-per-step`` pairs per step, and use the
+adapters-off view of the same UNet as the LoRA reference. The authors' row runs the same number of
+pairs, one per step, with the same per-pair seeds (so the same timesteps).
+
+Memory: ``torch.cuda.max_memory_allocated`` on GPU (reset per row); on the CPU the peak resident
+set size of a fresh process per row (``--isolate``, the default there), which includes building
+the model.
+
+Examples::
+
+    python benchmarks/bench_train.py --preset tiny --device cpu --out benchmarks/results/cpu-tiny.json
+    python benchmarks/bench_train.py --preset sd15 --device cuda --dtype fp16 --gradient-checkpointing \\
+        --out benchmarks/results/h100-sd15.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # run from a checkout without installing smpo
+    sys.path.insert(0, str(ROOT / "src"))
+
+from smpo.io import atomic_path, resolve_dtype, write_json  # noqa: E402
+from smpo.models import (  # noqa: E402
+    Conditioning,
+    FamilyAdapter,
+    add_lora,
+    has_lora,
+    lora_parameters,
+    make_adapter,
+    reference_view,  # noqa: E402
+)
+from smpo.objective import ObjectiveConfig, PairBatch, compute_loss  # noqa: E402
+
+METHODS = ("smpo", "smpo-land-on-t", "dpo", "kto", "mapo", "sft", "authors-recipe")
+MODES = ("full", "lora")
+AUTHORS_GRID = {"sd15": 5, "sdxl": 10}  # the authors' inversion grid per family (ALGORITHM.md section 6)
+PRESET_FAMILIES = {"tiny": ("sd15", "sdxl"), "sd15": ("sd15",), "sdxl": ("sdxl",)}
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+
+
+@dataclass
+class Settings:
+    preset: str
+    family: str
+    device: str
+    dtype: str
+    gradient_checkpointing: bool
+    steps: int
+    warmup: int
+    pairs_per_step: int
+    lora_rank: int
+    optimizer: str
+    seed: int = 0
+
+
+@dataclass
+class Timers:
+    total: float = 0.0
+    unet_forward: float = 0.0
+    backward: float = 0.0
+    optimizer: float = 0.0
+    encode: float = 0.0
+
+
+@dataclass
+class Row:
+    family: str
+    preset: str
+    mode: str
+    method: str
+    pairs_per_step: int
+    pairs: int
+    seconds_per_pair: float
+    unet_evals_per_pair: float
+    unet_calls_per_pair: float
+    seconds_per_pair_mean: float
+    peak_memory_gib: float
+    memory_kind: str
+    share_outside_unet: float
+    last_loss: float
+    objective: dict[str, Any]
+    timers: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_family(family: str, preset: str, device: torch.device, seed: int) -> FamilyAdapter:
+    """The preset pipeline built directly on ``device`` (random init there is fast), as an adapter."""
+    from smpo.models.presets import build_pipeline
+
+    with torch.device(device):
+        pipe = build_pipeline(family, preset, seed=seed)  # type: ignore[arg-type]
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    for module in [pipe.unet, pipe.vae, *encoders]:
+        module.requires_grad_(False)
+    adapter = make_adapter(family, unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+                           scheduler=pipe.scheduler, source=f"preset {preset}")
+    return adapter.to(device)
+
+
+def objective_for(method: str, family: str) -> ObjectiveConfig:
+    grid = AUTHORS_GRID[family]
+    if method in ("smpo", "authors-recipe"):
+        return ObjectiveConfig(method="smpo", inversion_steps=grid, renoise_iters=1, land_on_t=False)
+    if method == "smpo-land-on-t":
+        return ObjectiveConfig(method="smpo", inversion_steps=grid, renoise_iters=1, land_on_t=True)
+    return ObjectiveConfig(method=method)
+
+
+def _optimizer(name: str, params: list[torch.nn.Parameter], family: str) -> torch.optim.Optimizer:
+    if name == "auto":
+        name = "adafactor" if family == "sdxl" else "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-8)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-8, scale_parameter=False, relative_step=False, warmup_init=False)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-8)
+    raise ValueError(f"unknown optimizer {name!r}; choose from auto, adamw, adafactor, sgd")
+
+
+def _prepare_networks(fam: FamilyAdapter, mode: str, dtype: torch.dtype, checkpointing: bool,
+                      lora_rank: int) -> tuple[Any, Any]:
+    """The policy and reference of a row. Full: the fp32 UNet trains, a ``dtype`` copy is the reference.
+    LoRA: the UNet in ``dtype`` with fp32 adapters; the reference is its adapters-off view."""
+    unet = fam.unet
+    if mode == "full":
+        if has_lora(unet):
+            raise RuntimeError("full-mode rows must run before LoRA rows (the UNet already has adapters)")
+        unet.to(torch.float32).requires_grad_(True)
+        reference = copy.deepcopy(unet).to(dtype).requires_grad_(False)
+    else:
+        if not has_lora(unet):
+            unet.requires_grad_(False)
+            if unet.dtype != dtype:
+                unet.to(dtype)
+            add_lora(unet, rank=lora_rank)
+        reference = reference_view(unet)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet, reference
+
+
+def _cached_batch(shape: tuple[int, int], cond: Conditioning, seeds: list[int], device: torch.device,
+                  generator: torch.Generator) -> PairBatch:
+    """A batch as read from ``smpo cache``: fp16 latents and conditioning, moved to the device."""
+    (c, s), n = shape, len(seeds)
+    latents = torch.randn(2, n, c, s, s, generator=generator).half().to(device)
+    return PairBatch(latents_w=latents[0].float(), latents_l=latents[1].float(),
+                     cond=cond.index([0] * n).to(device), p_win=torch.full((n,), 0.65, device=device), seeds=seeds)
+
+
+def _authors_batch(fam: FamilyAdapter, seed: int, device: torch.device, generator: torch.Generator,
+                   timers: Timers) -> PairBatch:
+    """One pair encoded from pixels and text at this step, as the authors' script does."""
+    _sync(device)
+    start = time.perf_counter()
+    r = fam.resolution
+    pixels = torch.rand(2, 3, r, r, generator=generator).mul(2).sub(1).to(device)
+    latents = fam.encode_images(pixels, sample=True)
+    cond = fam.encode_prompts([PROMPT])
+    _sync(device)
+    timers.encode += time.perf_counter() - start
+    return PairBatch(latents_w=latents[:1], latents_l=latents[1:], cond=cond,
+                     p_win=torch.full((1,), 0.65, device=device), seeds=[seed])
+
+
+def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, free_encoders: bool = False) -> Row:
+    """Time one (method, mode) row. ``free_encoders``: drop the VAE and text encoders for rows that
+    read the cache (a one-row process measuring its peak RSS)."""
+    device = torch.device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    authors = method == "authors-recipe"
+    cfg = objective_for(method, settings.family)
+    text_modules = [fam.vae, *fam.text_encoders]
+    for module in text_modules:  # our rows read the cache: the VAE and text encoders stay off the device
+        module.to(device if authors else "cpu")
+    cond = fam.encode_prompts([PROMPT]) if not authors else None
+    latent_shape = (fam.latent_channels, fam.latent_size)
+    if not authors and free_encoders:
+        fam.vae, fam.text_encoders = None, []
+        del text_modules
+        gc.collect()
+    policy, reference = _prepare_networks(fam, mode, dtype, settings.gradient_checkpointing, settings.lora_rank)
+    params = [p for p in policy.parameters() if p.requires_grad] if mode == "full" else lora_parameters(policy)
+    optimizer = _optimizer(settings.optimizer, params, settings.family)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    timers = Timers()
+
+    original_unet_output = fam.unet_output
+
+    def timed_unet_output(unet: Any, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        _sync(device)
+        start = time.perf_counter()
+        out = original_unet_output(unet, x_t, t, c)
+        _sync(device)
+        timers.unet_forward += time.perf_counter() - start
+        return out
+
+    fam.unet_output = timed_unet_output  # type: ignore[method-assign]
+    per_step = 1 if authors else settings.pairs_per_step
+    steps = settings.steps * settings.pairs_per_step // per_step
+    warmup = max(settings.warmup * settings.pairs_per_step // per_step, settings.warmup)
+    generator = torch.Generator().manual_seed(settings.seed)
+    last_loss = float("nan")
+    step_times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for step in range(warmup + steps):
+            if step == warmup:
+                fam.reset_counters()
+                timers = Timers()
+            _sync(device)
+            start = time.perf_counter()
+            seeds = [settings.seed + step * per_step + i for i in range(per_step)]
+            if authors:
+                batch = _authors_batch(fam, seeds[0], device, generator, timers)
+            else:
+                batch = _cached_batch(latent_shape, cond, seeds, device, generator)  # type: ignore[arg-type]
+            with autocast:
+                out = compute_loss(fam, policy, reference, batch, cfg)
+            _sync(device)
+            mark = time.perf_counter()
+            out.loss.backward()
+            _sync(device)
+            timers.backward += time.perf_counter() - mark
+            mark = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            timers.optimizer += time.perf_counter() - mark
+            timers.total += time.perf_counter() - start
+            if step >= warmup:
+                step_times.append(time.perf_counter() - start)
+            last_loss = float(out.loss.detach())
+    finally:
+        fam.unet_output = original_unet_output  # type: ignore[method-assign]
+    pairs = steps * per_step
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_rss_process"
+    inside = timers.unet_forward + timers.backward + timers.optimizer
+    row = Row(
+        family=settings.family, preset=settings.preset, mode=mode, method=method, pairs_per_step=per_step,
+        pairs=pairs, seconds_per_pair=statistics.median(step_times) / per_step,
+        seconds_per_pair_mean=timers.total / pairs, unet_evals_per_pair=fam.unet_evals / pairs,
+        unet_calls_per_pair=fam.unet_calls / pairs, peak_memory_gib=peak, memory_kind=kind,
+        share_outside_unet=(timers.total - inside - timers.encode) / timers.total if timers.total else 0.0,
+        last_loss=last_loss, objective=asdict(cfg.resolved()),
+        timers={k: v / pairs for k, v in asdict(timers).items()},
+    )
+    del optimizer, reference, params
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def _rows_to_run(args: argparse.Namespace, family: str) -> list[tuple[str, str]]:
+    methods, modes = _split(args.methods, METHODS, "--methods"), _split(args.modes, MODES, "--modes")
+    rows = [(method, mode) for mode in MODES if mode in modes for method in methods
+            if not (method == "authors-recipe" and mode != "full")]
+    if "authors-recipe" in methods and "full" not in modes:
+        print("note: authors-recipe runs in full mode only (two full UNets); add --modes full", file=sys.stderr)
+    return rows
+
+
+def _split(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in allowed]
+    if unknown:
+        raise SystemExit(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def _settings(args: argparse.Namespace, family: str) -> Settings:
+    return Settings(preset=args.preset, family=family, device=args.device, dtype=args.dtype,
+                    gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, warmup=args.warmup,
+                    pairs_per_step=args.pairs_per_step, lora_rank=args.lora_rank, optimizer=args.optimizer,
+                    seed=args.seed)
+
+
+def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str) -> dict[str, Any]:
+    """Run one row in a fresh process (its peak RSS is the row's alone)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--preset", args.preset, "--families", family,
+                   "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--pairs-per-step", str(args.pairs_per_step),
+                   "--lora-rank", str(args.lora_rank), "--optimizer", args.optimizer, "--seed", str(args.seed),
+                   "--methods", method, "--modes", mode, "--no-isolate", "--row-out", str(out)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        if args.gradient_checkpointing:
+            command.append("--gradient-checkpointing")
+        done = subprocess.run(command, check=False)
+        if done.returncode != 0 or not out.exists():
+            return {"family": family, "method": method, "mode": mode, "error": f"exit status {done.returncode}"}
+        return json.loads(out.read_text())
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    info = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_threads": torch.get_num_threads(), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env, rows = results["environment"], [r for r in results["rows"] if "error" not in r]
+    lines = [f"# Training-step benchmark: preset `{results['preset']}` on {env.get('gpu') or env.get('cpu')}", "",
+             f"Command: `{env['command']}`", "",
+             f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}; "
+             f"dtype {results['dtype']}, gradient checkpointing {results['gradient_checkpointing']}, "
+             f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up.", "",
+             "| family | mode | method | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | peak memory (GiB) | time outside UNet+optimizer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['pairs_per_step']} | {r['seconds_per_pair']:.4f} "
+                     f"| {r['seconds_per_pair_mean']:.4f} | {r['unet_evals_per_pair']:.1f} | {r['peak_memory_gib']:.2f} "
+                     f"| {100 * r['share_outside_unet']:.1f}% |")
+    for r in results["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | |")
+    lines += ["", "Memory: " + ("CUDA max_memory_allocated per row." if rows and rows[0]["memory_kind"].startswith("cuda")
+                                else "peak RSS of a fresh process per row (includes building the model)."),
+              "Seconds per pair: the median step time (robust to a shared machine's stalls) over the "
+              "pairs of a step; the mean is beside it. UNet evals count forward sample-evaluations (a call on 4 latents counts 4); KTO's pair is its two "
+              "images. 'Time outside' is the share of the step spent neither in UNet forward calls, the backward "
+              "pass, the optimizer step nor (authors-recipe) the VAE/text encoding.", ""]
+    lines += _ratios(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _ratios(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r["family"], r["mode"], r["method"]): r["seconds_per_pair"] for r in rows}
+    out = ["Ratios (median step times):", ""]
+    for (family, mode, method), seconds in sorted(by.items()):
+        if method in ("smpo", "smpo-land-on-t") and (family, mode, "dpo") in by:
+            out.append(f"- {family} {mode}: {method} / dpo time per pair = {seconds / by[family, mode, 'dpo']:.2f}x")
+        if method in ("smpo", "smpo-land-on-t") and (family, "full", "authors-recipe") in by:
+            out.append(f"- {family} {mode}: authors-recipe / {method} time per pair = "
+                       f"{by[family, 'full', 'authors-recipe'] / seconds:.2f}x")
+    return out if len(out) > 2 else []
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    write_json(path, results)
+    with atomic_path(path.with_suffix(".md")) as tmp:
+        tmp.write_text(markdown(results))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", choices=list(PRESET_FAMILIES), help="architecture preset")
+    parser.add_argument("--families", default=None, help="comma list of sd15,sdxl (default: the preset's; tiny: both)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16 (mixed precision; the reference in it)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
+    parser.add_argument("--modes", default="full,lora", help="comma list from full, lora")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--pairs-per-step", type=int, default=4, help="pairs per step of our rows (default 4)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--optimizer", default="auto", help="auto (AdamW; Adafactor for SDXL), adamw, adafactor, sgd")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default=None, help="results JSON (the .md table beside it); default results/<device>-<preset>.json")
+    isolate = parser.add_mutually_exclusive_group()
+    isolate.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                         help="one process per row (default on the CPU, for per-row peak RSS)")
+    isolate.add_argument("--no-isolate", dest="isolate", action="store_false")
+    parser.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    families = _split(args.families, ("sd15", "sdxl"), "--families") if args.families else PRESET_FAMILIES[args.preset]
+    isolate = args.isolate if args.isolate is not None else args.device == "cpu"
+    if args.row_out:  # a child of --isolate: one family, one row
+        family = families[0]
+        (method, mode), = _rows_to_run(args, family)
+        fam = build_family(family, args.preset, torch.device(args.device), args.seed)
+        row = run_row(fam, _settings(args, family), method, mode, free_encoders=True)
+        Path(args.row_out).write_text(json.dumps(asdict(row)))
+        return 0
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.device.split(':')[0]}-{args.preset}.json")
+    results: dict[str, Any] = {"preset": args.preset, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+                               "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
+                               "environment": environment(args), "rows": []}
+    for family in families:
+        fam = None if isolate else build_family(family, args.preset, torch.device(args.device), args.seed)
+        for method, mode in _rows_to_run(args, family):
+            print(f"[bench] {args.preset}/{family} {mode} {method} ...", file=sys.stderr, flush=True)
+            if isolate:
+                row = _run_isolated(args, family, method, mode)
+            else:
+                try:
+                    row = asdict(run_row(fam, _settings(args, family), method, mode))  # type: ignore[arg-type]
+                except Exception as error:  # keep the other rows; name the failure in the table
+                    row = {"family": family, "method": method, "mode": mode, "error": f"{type(error).__name__}: {error}"}
+                    if args.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+            results["rows"].append(row)
+            write_results(out, results)
+            summary = {k: row[k] for k in ("seconds_per_pair", "unet_evals_per_pair", "peak_memory_gib") if k in row}
+            print(f"[bench]   {summary or row.get('error')}", file=sys.stderr, flush=True)
+        del fam
+        gc.collect()
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""LoRA on the UNet via peft, and the reference view it gives for free.
+
+With LoRA the frozen reference of DPO-style losses (ALGORITHM.md section 1, ``eps_ref``) is the
+same network with its adapters switched off, so no second copy of the UNet lives in memory
+(the torchtune idiom, STYLE.md). :func:`adapters_disabled` switches them off for a block and
+always switches them back on, even when the block raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+"""The attention projections, as in diffusers' LoRA training scripts."""
+
+ADAPTER_NAME = "smpo"
+
+
+def add_lora(unet: Any, *, rank: int = 8, alpha: float | None = None,
+             target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, dropout: float = 0.0,
+             adapter_name: str = ADAPTER_NAME, trainable_dtype: torch.dtype | None = torch.float32) -> Any:
+    """Add a LoRA adapter to ``unet`` (a diffusers ``UNet2DConditionModel``) and make only it trainable.
+
+    ``alpha`` defaults to ``rank`` (scale 1). The LoRA ``B`` matrices start at zero, so the
+    adapted network starts equal to the base network. The LoRA weights are kept in
+    ``trainable_dtype`` (float32 by default, so a half-precision UNet trains float32 adapters;
+    peft casts activations to them). Returns ``unet`` (modified in place).
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
+                        target_modules=list(target_modules), lora_dropout=dropout, init_lora_weights="gaussian")
+    unet.add_adapter(config, adapter_name=adapter_name)
+    unet.set_adapter(adapter_name)
+    if trainable_dtype is not None:
+        for param in lora_parameters(unet):
+            param.data = param.data.to(trainable_dtype)
+    return unet
+
+
+def has_lora(unet: Any) -> bool:
+    """True if ``unet`` carries a peft adapter."""
+    return bool(getattr(unet, "_hf_peft_config_loaded", False)) or any(
+        "lora_" in name for name, _ in unet.named_parameters())
+
+
+def lora_parameters(unet: Any) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters of ``unet``."""
+    return [p for name, p in unet.named_parameters() if "lora_" in name]
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: Any) -> Iterator[Any]:
+    """Run a block with ``unet``'s adapters off (the base model); turn them back on afterwards, even on error."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+class AdaptersOffView:
+    """The frozen reference of a LoRA policy: calls ``unet`` with its adapters disabled.
+
+    Callable like the UNet itself, so the objective treats it like a separate frozen network.
+    Use it under ``torch.no_grad()`` (the objective does).
+    """
+
+    def __init__(self, unet: Any) -> None:
+        self.unet = unet
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with adapters_disabled(self.unet):
+            return self.unet(*args, **kwargs)
+
+
+def reference_view(unet: Any) -> AdaptersOffView:
+    """The reference network of a LoRA-adapted ``unet``: the same weights with adapters off."""
+    if not has_lora(unet):
+        raise ValueError("reference_view needs a UNet with a LoRA adapter (call add_lora first); "
+                         "for full fine-tuning load a separate frozen copy as the reference")
+    return AdaptersOffView(unet)
