@@ -1,0 +1,47 @@
+"""``smpo train``: train SmPO, Diffusion-DPO, Diffusion-KTO, MaPO or SFT (see docs/training.md).
+
+Every option is a field of :class:`smpo.train.config.TrainConfig`; ``--config`` reads a YAML recipe
+(``configs/<family>/<method>.yaml``) and the options given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from smpo.train.config import ConfigError, add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Example: smpo train --config configs/sd15/smpo.yaml --pretrained runwayml/stable-diffusion-v1-5 "
+                     "--dataset labelled/ --output-dir runs/smpo. Several GPUs: accelerate launch -m smpo.cli train ...")
+    add_config_arguments(parser)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit without training")
+
+
+def run(args: argparse.Namespace) -> int:
+    from smpo.train.config import dump_config
+
+    try:
+        config = config_from_args(args)
+        if args.print_config:
+            print(dump_config(config), end="")
+            return 0
+        config.validate()
+        config.objective.resolved()
+    except (ConfigError, ValueError) as err:
+        print(f"smpo train: {err}", file=sys.stderr)
+        return 2
+    from smpo.io import OutputExistsError
+    from smpo.train.loop import NonFiniteLossError, train
+
+    try:
+        result = train(config)
+    except (NonFiniteLossError, OutputExistsError, ImportError) as err:
+        print(f"smpo train: {err}", file=sys.stderr)
+        return 1
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"trained {result.step} steps; loss {last.get('loss', float('nan')):.4g}; "
+          f"weights: {result.export}; run folder: {result.run_dir}")
+    return 0

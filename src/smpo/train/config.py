@@ -1,0 +1,393 @@
+"""Training configuration: typed dataclasses, YAML recipes, command-line overrides.
+
+One ``TrainConfig`` holds five sections: ``model``, ``data``, ``objective`` (the method and its
+knobs, :class:`smpo.objective.ObjectiveConfig`), ``optim`` and ``run``. Each field is documented
+once, by the string literal under it; that string is also the field's ``--help`` text, so the
+documentation of a YAML recipe, of the Python API and of the command line cannot drift apart.
+
+Precedence, lowest first: the dataclass defaults (the paper's SD1.5 settings, ALGORITHM.md
+section 6), a YAML recipe (``--config configs/sdxl/smpo.yaml``), then command-line options
+(``--beta 5000 --method dpo``). On the command line every field is ``--field-name``; names are
+unique across sections. In YAML, fields sit under their section::
+
+    objective:
+      method: smpo
+      beta: 2000
+    optim:
+      learning_rate: 1.0e-8
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import operator
+import os
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from smpo.objective import METHODS, NOISINGS, ObjectiveConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key and its source."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""
+    """Base model: a diffusers pipeline folder or a hub id (e.g. runwayml/stable-diffusion-v1-5)."""
+    family: Literal["auto", "sd15", "sdxl"] = "auto"
+    """Model family; `auto` reads it from the pipeline folder."""
+    vae: str | None = None
+    """Optional separate VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16."""
+    unet: str | None = None
+    """Optional initial UNet (folder or hub id); the paper's SD1.5 run starts from an SFT-tuned UNet."""
+    revision: str | None = None
+    """Hub revision of `pretrained`."""
+    finetune: Literal["full", "lora"] = "full"
+    """`full`: train every UNet weight against a separate frozen reference copy; `lora`: train LoRA
+    adapters, the reference being the same UNet with its adapters switched off."""
+    lora_rank: int = 64
+    """LoRA rank (with --finetune lora)."""
+    lora_alpha: float | None = None
+    """LoRA alpha; default: equal to the rank (scale 1)."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass: less memory, about 30% more time."""
+    reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Dtype of the frozen reference UNet of full fine-tuning; `auto`: the mixed-precision dtype
+    (fp16 on CUDA by default), fp32 without mixed precision."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""
+    """Labelled dataset (output of `smpo label`): a folder of parquet shards. Images are decoded,
+    resized, centre-cropped and encoded by the VAE on the fly."""
+    cache: str | None = None
+    """Output folder of `smpo cache` for this model; when given, training reads latents and text
+    embeddings from it and never decodes an image or runs the VAE or text encoders."""
+    resolution: int | None = None
+    """Training resolution in pixels; default: the model's native size (UNet sample size x VAE factor)."""
+    empty_prompt_rate: float = 0.2
+    """Share of captions replaced by the empty prompt (the authors' proportion_empty_prompts)."""
+    random_flip: bool = True
+    """Flip both images of a pair horizontally with probability 1/2 (decided per pair from the seed)."""
+    max_pairs: int | None = None
+    """Use only the first N pairs of the dataset (in file order)."""
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
+    """`adamw` (torch), `adafactor` (transformers; the paper's SDXL choice) or `adamw8bit`
+    (bitsandbytes, `pip install smpo[bnb]`)."""
+    learning_rate: float = 1e-8
+    """Learning rate per pair; with --scale-lr the rate used is this times the global batch."""
+    scale_lr: bool = True
+    """Multiply the learning rate by the global batch in pairs (batch x accumulation x processes)."""
+    warmup_steps: int = 100
+    """Linear warm-up over this many optimizer steps, then constant."""
+    batch_size: int = 1
+    """Pairs per process in one forward/backward pass."""
+    gradient_accumulation_steps: int = 128
+    """Forward/backward passes per optimizer step; one step sees batch x accumulation x processes pairs."""
+    max_steps: int = 200
+    """Optimizer steps to train."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; null disables clipping."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay (AdamW, Adafactor)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = ""
+    """Run folder: resolved config, metrics.jsonl, checkpoints/ and the final export."""
+    seed: int = 0
+    """Seed of the data order and of every pair's t, noise, empty prompt and flip."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """accelerate mixed precision; `auto`: fp16 on CUDA, none elsewhere."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every N optimizer steps (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 3
+    """Keep the last N checkpoints; older ones are deleted."""
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir."""
+    overwrite: bool = False
+    """Delete an existing non-empty output_dir first."""
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = "none"
+    """Trackers through accelerate (tensorboard and wandb are optional extras: `pip install smpo[tracking]`)."""
+    log_every: int = 1
+    """Log metrics to the trackers and metrics.jsonl every N steps."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS, "noising": NOISINGS, "labels": ("binary", "smoothed"),
+    "inverting_network": ("policy", "reference"),
+}
+"""Allowed values of string fields not typed as a ``Literal`` (checked on the command line and in YAML)."""
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "objective": ObjectiveConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see the section classes for each field."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` for values that cannot train; return self."""
+        checks = [
+            (bool(self.model.pretrained), "model.pretrained is required (a diffusers folder or hub id)"),
+            (bool(self.data.dataset) or bool(self.data.cache), "data.dataset or data.cache is required"),
+            (bool(self.run.output_dir), "run.output_dir is required"),
+            (0.0 <= self.data.empty_prompt_rate <= 1.0, "data.empty_prompt_rate must be in [0, 1]"),
+            (self.optim.batch_size >= 1, "optim.batch_size must be >= 1"),
+            (self.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps must be >= 1"),
+            (self.optim.max_steps >= 1, "optim.max_steps must be >= 1"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (self.optim.learning_rate > 0, "optim.learning_rate must be > 0"),
+            (self.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
+            (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
+            (self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0"),
+            (self.run.log_every >= 1, "run.log_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Field documentation: the string literal under each field (read from the source, like litgpt).
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass, from the string literal after each field, or a
+    trailing ``# comment`` on the field's line when there is no literal."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        lines = source.splitlines()
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, body[1:] + [None]):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            text = ""
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                    and isinstance(after.value.value, str):
+                text = after.value.value
+            elif "#" in lines[node.lineno - 1]:
+                text = lines[node.lineno - 1].split("#", 1)[1]
+            docs[node.target.id] = " ".join(text.split())
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Types: coercion of YAML / command-line values to a field's annotation.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return True, rest[0] if len(rest) == 1 else functools.reduce(operator.or_, rest)
+    return False, tp
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` to type ``tp`` (bool/int/float/str/Literal/Optional/tuple/list)."""
+    optional, inner = _is_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed")
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (tuple, list):
+        item_tp = (typing.get_args(inner) or (Any,))[0]
+        items = value.split(",") if isinstance(value, str) else list(value)
+        out = [coerce(v, item_tp, where) for v in items]
+        return tuple(out) if origin is tuple else out
+    try:
+        if inner is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "1", "on"):
+                    return True
+                if value.lower() in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if inner is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if inner is float:
+            return float(value)  # also parses YAML's "1e-8" string (YAML 1.1 wants "1.0e-8")
+        if inner is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {getattr(inner, '__name__', inner)}") from None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+def config_from_dict(data: dict[str, Any] | None, *, source: str = "<dict>",
+                     base: TrainConfig | None = None) -> TrainConfig:
+    """Overlay a nested ``{section: {field: value}}`` mapping on ``base`` (default: defaults).
+
+    Unknown sections or fields raise :class:`ConfigError` naming the key and ``source``.
+    """
+    base = base if base is not None else TrainConfig()
+    config = TrainConfig(**{name: dataclasses.replace(getattr(base, name)) for name in SECTIONS})
+    for section, values in (data or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown key {section!r} in {source}; sections are {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {section!r} must be a mapping of options")
+        target = getattr(config, section)
+        types_ = _field_types(type(target))
+        for key, value in values.items():
+            if key not in types_:
+                raise ConfigError(f"unknown key {section}.{key!r} in {source}; "
+                                  f"valid keys of {section}: {', '.join(types_)}")
+            where = f"{source}: {section}.{key}"
+            value = coerce(value, types_[key], where)
+            if key in CHOICES and value is not None and value not in CHOICES[key]:
+                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[key])}")
+            setattr(target, key, value)
+    return config
+
+
+def load_config(path: str | os.PathLike, *, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML recipe; raises :class:`ConfigError` on unknown keys or bad values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, data, objective, optim, run)")
+    return config_from_dict(data, source=str(path), base=base)
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The config as YAML text that :func:`load_config` reads back to an equal config."""
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+    data = {s: {k: plain(v) for k, v in d.items()} for s, d in config.to_dict().items()}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from smpo.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(dump_config(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` option per config field, grouped by section, help from the docstrings.
+
+    Defaults are suppressed, so :func:`config_from_args` sees only what the user typed.
+    """
+    parser.add_argument("--config", metavar="YAML", help="a recipe, e.g. configs/sd15/smpo.yaml; "
+                        "options given on the command line override it")
+    seen: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        docs = field_docs(cls)
+        defaults = cls()
+        for name, tp in _field_types(cls).items():
+            if name in seen:
+                raise ConfigError(f"option {name} is in both {seen[name]} and {section}")
+            seen[name] = section
+            default = getattr(defaults, name)
+            shown = "" if default is None else f" (default: {default})"
+            help_text = f"{docs.get(name, '')}{shown}".strip().replace("%", "%%")
+            _, inner = _is_optional(tp)
+            kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text, dest=f"{section}.{name}")
+            if inner is bool:
+                group.add_argument(option_name(name), action=argparse.BooleanOptionalAction, **kwargs)
+            elif typing.get_origin(inner) is Literal or name in CHOICES:
+                choices = list(typing.get_args(inner)) if name not in CHOICES else list(CHOICES[name])
+                group.add_argument(option_name(name), choices=choices, **kwargs)
+            else:
+                group.add_argument(option_name(name), metavar=name.upper(), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then ``args.config`` (YAML) if given, then the options given on the command line."""
+    config_path = getattr(args, "config", None)
+    config = load_config(config_path) if config_path else TrainConfig()
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            overrides.setdefault(section, {})[name] = value
+    return config_from_dict(overrides, source="the command line", base=config)

@@ -1,0 +1,306 @@
+"""Training data: pair sources, the data order, and the randomness of each pair.
+
+What is trained must not depend on how the work is split. So
+
+- the data order of an epoch is a permutation drawn from ``(seed, epoch)`` alone;
+- optimizer step ``s`` takes the next ``G = batch x processes x accumulation`` pairs of that
+  order, and cuts them into equal micro-batches; process ``r`` at accumulation pass ``a`` gets
+  micro-batch ``a * processes + r`` (every pair appears exactly once per step);
+- every random choice about a pair (its timestep, its noise, whether its caption is dropped,
+  whether its images are flipped) comes from ``(seed, pair_id, epoch)``, never from a process's
+  random state.
+
+Then 2 processes x accumulation 1 and 1 process x accumulation 2 compute the same gradient (the
+mean over the same pairs of the same per-pair losses), and a resumed run replays exactly the pairs
+and draws of an uninterrupted one: the data position is just the step count.
+
+Two sources of pairs: a labelled dataset (``smpo label`` output: parquet shards with ``jpg_0``,
+``jpg_1``, ``caption``, ``winner``, ``p_win``, ``label_0``...; images decoded and resized here,
+encoded by the VAE in the loop) and a ``smpo cache`` folder (latents and text embeddings ready).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Randomness and order
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any hashable parts (e.g. ``(seed, pair_id, epoch, "noise")``).
+
+    Uses a cryptographic hash of the parts' text, so it is the same on every process, platform
+    and Python run (``hash()`` of a string is salted per process).
+    """
+    text = "\x1f".join(repr(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def pair_generator(seed: int, pair_id: Any, epoch: int, stream: str) -> torch.Generator:
+    """A CPU generator for one random choice ``stream`` ("prompt", "flip", ...) of one pair."""
+    return torch.Generator().manual_seed(derive_seed(seed, pair_id, epoch, stream))
+
+
+def epoch_order(num_pairs: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded permutation of ``range(num_pairs)`` for one epoch."""
+    return np.random.default_rng(derive_seed(seed, "order", epoch)).permutation(num_pairs)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one optimizer step's pairs are split among processes and accumulation passes."""
+
+    num_pairs: int
+    batch_size: int  # pairs per process per pass
+    num_processes: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_processes * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_pairs // self.global_batch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def indices(self, seed: int, step: int, rank: int, micro: int) -> list[int]:
+        """Dataset indices of micro-batch ``micro`` of process ``rank`` at optimizer step ``step``
+        (0-based). The last incomplete global batch of an epoch is dropped."""
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {self.num_pairs} pairs, fewer than one global batch "
+                             f"of {self.global_batch} (batch x processes x accumulation)")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch + (micro * self.num_processes + rank) * self.batch_size
+        return [int(i) for i in epoch_order(self.num_pairs, seed, epoch)[start:start + self.batch_size]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled dataset (parquet shards)
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1")
+
+
+class LabelledPairs:
+    """Random access to a labelled dataset's rows; image columns are read only when asked for.
+
+    ``drop_ties``: leave out pairs whose human label ``label_0`` is 0.5 (binary labels use the
+    human label; ALGORITHM.md section 4).
+    """
+
+    def __init__(self, folder: str | Path, *, max_pairs: int | None = None, drop_ties: bool = False):
+        import pyarrow.dataset as ds
+
+        self.folder = Path(folder)
+        files = sorted(self.folder.rglob("*.parquet")) if self.folder.is_dir() else [self.folder]
+        if not files or not files[0].exists():
+            raise FileNotFoundError(f"no parquet shards found in {self.folder} (expected the output of `smpo label`)")
+        self._dataset = ds.dataset([str(f) for f in files], format="parquet")
+        names = self._dataset.schema.names
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{self.folder}: missing column(s) {', '.join(missing)}; "
+                             f"expected {', '.join(REQUIRED_COLUMNS)} (+ pair_id, winner, p_win, label_0); "
+                             f"found {', '.join(names)}")
+        meta = self._dataset.to_table(columns=[c for c in names if c not in ("jpg_0", "jpg_1")]).to_pydict()
+        total = len(meta["caption"])
+        meta["pair_id"] = [str(p) for p in meta.get("pair_id", range(total))]
+        keep = range(total if max_pairs is None else min(max_pairs, total))
+        if drop_ties and "label_0" in meta:
+            keep = [i for i in keep if meta["label_0"][i] is None or float(meta["label_0"][i]) != 0.5]
+        self.rows_in_files = list(keep)  # dataset position -> row in the parquet files
+        self.meta = {k: [v[i] for i in self.rows_in_files] for k, v in meta.items()}
+        self.columns = names
+
+    def __len__(self) -> int:
+        return len(self.rows_in_files)
+
+    def rows(self, indices: list[int], *, images: bool = True) -> list[dict[str, Any]]:
+        """The rows at ``indices`` as dicts (with ``jpg_0``/``jpg_1`` bytes when ``images``)."""
+        out = [{k: v[i] for k, v in self.meta.items()} for i in indices]
+        if images:
+            file_rows = [self.rows_in_files[i] for i in indices]
+            table = self._dataset.take(file_rows, columns=["jpg_0", "jpg_1"]).to_pydict()
+            for row, jpg_0, jpg_1 in zip(out, table["jpg_0"], table["jpg_1"]):
+                row["jpg_0"], row["jpg_1"] = jpg_0, jpg_1
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-pair draws and batches
+
+
+@dataclass(frozen=True)
+class PairDraws:
+    """The random choices about one pair in one epoch, all derived from ``(seed, pair_id, epoch)``."""
+
+    flip: bool
+    drop_prompt: bool
+    noise_seed: int  # seeds the pair's timestep and noise (``PairBatch.seeds``)
+
+
+def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float, random_flip: bool) -> PairDraws:
+    """The draws of pair ``pair_id`` (compared as a string, as the cache stores it) in ``epoch``."""
+    pair_id = str(pair_id)
+    flip = random_flip and bool(torch.rand((), generator=pair_generator(seed, pair_id, epoch, "flip")) < 0.5)
+    drop = bool(torch.rand((), generator=pair_generator(seed, pair_id, epoch, "prompt")) < empty_prompt_rate)
+    return PairDraws(flip=flip, drop_prompt=drop, noise_seed=derive_seed(seed, pair_id, epoch, "noise"))
+
+
+def winner_of(row: dict[str, Any], labels: str) -> tuple[int, float]:
+    """``(index of the preferred image, its win probability)`` of a labelled row.
+
+    ``smoothed``: the reward model's winner and ``p_win`` (ALGORITHM.md section 2, Eq. 11).
+    ``binary``: the human label ``label_0`` when the row has one (ties are filtered out before),
+    else the reward model's winner; the probability is 1.
+    """
+    if labels == "smoothed":
+        if row.get("winner") is None or row.get("p_win") is None:
+            raise ValueError(f"pair {row.get('pair_id')!r} has no winner/p_win: smoothed labels need a dataset "
+                             "labelled by `smpo label` (or use --labels binary)")
+        return int(row["winner"]), float(row["p_win"])
+    label = row.get("label_0")
+    if label is not None:
+        return (0 if float(label) == 1.0 else 1), 1.0
+    if row.get("winner") is None:
+        raise ValueError(f"pair {row.get('pair_id')!r} has neither label_0 nor winner")
+    return int(row["winner"]), 1.0
+
+
+class ImagePairs:
+    """Batches from a labelled dataset: decode, resize, centre-crop, flip, then VAE and text encoders."""
+
+    def __init__(self, labelled: LabelledPairs, family: Any, *, resolution: int, seed: int,
+                 empty_prompt_rate: float, random_flip: bool, labels: str):
+        self.labelled, self.family, self.resolution = labelled, family, resolution
+        self.seed, self.empty_prompt_rate, self.random_flip, self.labels = seed, empty_prompt_rate, random_flip, labels
+        self.uncond = family.encode_prompts([""])
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def batch(self, indices: list[int], epoch: int) -> Any:
+        from smpo.data.pairs import decode_image
+        from smpo.models.family import prepare_image
+
+        rows = self.labelled.rows(indices)
+        pixels, sizes, crops, captions, drops, seeds, p_wins = [], [], [], [], [], [], []
+        for row in rows:
+            draws = pair_draws(self.seed, row["pair_id"], epoch, empty_prompt_rate=self.empty_prompt_rate,
+                               random_flip=self.random_flip)
+            winner, p_win = winner_of(row, self.labels)
+            for side in (winner, 1 - winner):
+                try:
+                    image = decode_image(row[f"jpg_{side}"])
+                except Exception as err:  # noqa: BLE001 - name the pair, whatever the decoder raised
+                    raise ValueError(f"{self.labelled.folder}: pair {row['pair_id']!r}: jpg_{side} cannot be "
+                                     f"decoded ({err})") from err
+                prepared = prepare_image(image, self.resolution, flip=draws.flip)
+                pixels.append(prepared.pixels)
+                sizes.append(prepared.original_size)
+                crops.append(prepared.crop_top_left)
+            captions.append(row["caption"] or "")
+            drops.append(draws.drop_prompt)
+            seeds.append(draws.noise_seed)
+            p_wins.append(p_win)
+        latents = self.family.encode_images(torch.stack(pixels).to(self.family.device))
+        cond = self.family.encode_prompts(captions, original_sizes=sizes[0::2], crops_coords=crops[0::2])
+        return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds,
+                               sizes_l=sizes[1::2], crops_l=crops[1::2])
+
+
+def make_pair_batch(family: Any, latents_w: torch.Tensor, latents_l: torch.Tensor, cond: Any, drops: list[bool],
+                    uncond: Any, p_wins: list[float], seeds: list[int], *, cond_l: Any = None,
+                    sizes_l: list | None = None, crops_l: list | None = None) -> Any:
+    """A ``smpo.objective.PairBatch``; captions are dropped where ``drops`` (SDXL keeps its time ids).
+
+    The losers' conditioning is ``cond_l`` when given, else (SDXL) the winners' text with the
+    losers' own ``sizes_l``/``crops_l`` time ids, else the winners' (SD1.5).
+    """
+    from smpo.objective import PairBatch
+
+    device = latents_w.device
+    mask = torch.tensor(drops, dtype=torch.bool)
+    uncond = uncond.to(device, torch.float32)
+    cond = cond.to(device, torch.float32).drop_text(mask, uncond)
+    if cond_l is not None:
+        cond_l = cond_l.to(device, torch.float32).drop_text(mask, uncond)
+    elif cond.added is not None and sizes_l is not None:
+        cond_l = family.image_conditioning(cond, original_sizes=sizes_l, crops_coords=crops_l)
+    return PairBatch(latents_w=latents_w, latents_l=latents_l, cond=cond, cond_l=cond_l,
+                     p_win=torch.tensor(p_wins, dtype=torch.float32, device=device), seeds=seeds, uncond=uncond)
+
+
+class CachedPairs:
+    """Batches from a ``smpo cache`` folder: stored latents and conditioning, no image, VAE or text encoder.
+
+    The random flip mirrors the stored latents (close to, not exactly, the latents of the mirrored
+    image: the VAE is not exactly equivariant); disable it with ``--no-random-flip``.
+    """
+
+    def __init__(self, folder: str | Path, family: Any, *, max_pairs: int | None, seed: int,
+                 empty_prompt_rate: float, random_flip: bool, labels: str):
+        from smpo.data.cache import LatentCache
+
+        self.cache = LatentCache(folder)
+        if self.cache.family != family.name:
+            raise ValueError(f"the cache {folder} was made for a {self.cache.family} model, not {family.name}")
+        self.family = family
+        self.seed, self.empty_prompt_rate, self.random_flip, self.labels = seed, empty_prompt_rate, random_flip, labels
+        ids = self.cache.pair_ids[:max_pairs]
+        if labels == "binary" and "label_0" in self.cache.manifest:
+            ties = {str(p) for p, lab in zip(self.cache.manifest["pair_id"], self.cache.manifest["label_0"])
+                    if lab is not None and float(lab) == 0.5}
+            ids = [p for p in ids if p not in ties]
+        self.pair_ids = ids
+        self.uncond = self.cache.empty_conditioning()
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def batch(self, indices: list[int], epoch: int) -> Any:
+        from smpo.models.family import Conditioning
+
+        latents_w, latents_l, conds_w, conds_l, drops, seeds, p_wins = [], [], [], [], [], [], []
+        for i in indices:
+            pair = self.cache.get(self.pair_ids[i])
+            draws = pair_draws(self.seed, pair.pair_id, epoch, empty_prompt_rate=self.empty_prompt_rate,
+                               random_flip=self.random_flip)
+            winner, p_win = winner_of({"pair_id": pair.pair_id, **pair.labels}, self.labels)
+            for side, latents, conds in ((winner, latents_w, conds_w), (1 - winner, latents_l, conds_l)):
+                x0 = pair.latents[side].float()
+                latents.append(x0.flip(-1) if draws.flip else x0)
+                conds.append(pair.conditioning(side))
+            drops.append(draws.drop_prompt)
+            seeds.append(draws.noise_seed)
+            p_wins.append(p_win)
+        device = self.family.device
+        cond_w, cond_l = Conditioning.cat(conds_w), Conditioning.cat(conds_l)
+        return make_pair_batch(self.family, torch.stack(latents_w).to(device), torch.stack(latents_l).to(device),
+                               cond_w, drops, self.uncond, p_wins, seeds,
+                               cond_l=cond_l if cond_w.added is not None else None)
+
+
+def open_pairs(config: Any, family: Any) -> Any:
+    """The pair source of a run: a ``smpo cache`` folder when ``data.cache`` is set, else the dataset."""
+    labels = config.objective.resolved().labels
+    common = dict(seed=config.run.seed, empty_prompt_rate=config.data.empty_prompt_rate,
+                  random_flip=config.data.random_flip, labels=labels)
+    if config.data.cache:
+        cached = CachedPairs(config.data.cache, family, max_pairs=config.data.max_pairs, **common)
+        wanted = config.data.resolution
+        if wanted is not None and wanted != cached.cache.resolution:
+            raise ValueError(f"the cache {config.data.cache} holds {cached.cache.resolution} px images, "
+                             f"not the {wanted} px asked for with --resolution")
+        return cached
+    labelled = LabelledPairs(config.data.dataset, max_pairs=config.data.max_pairs, drop_ties=labels == "binary")
+    return ImagePairs(labelled, family, resolution=config.data.resolution or family.resolution, **common)

@@ -1,0 +1,74 @@
+"""Batches of pairs: each pair's images, caption, flip, empty prompt, SDXL time ids and seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smpo.data.pairs import decode_image
+from smpo.models.family import load_family, prepare_image
+from smpo.train.data import CachedPairs, ImagePairs, LabelledPairs, pair_draws
+
+SEED, EPOCH = 3, 2
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_pipelines):
+    return load_family(tiny_pipelines["sdxl"])
+
+
+def test_image_batches_follow_each_pairs_draws(sdxl, labelled):
+    rows_source = LabelledPairs(labelled)
+    pairs = ImagePairs(rows_source, sdxl, resolution=16, seed=SEED, empty_prompt_rate=0.5, random_flip=True,
+                       labels="smoothed")
+    indices = [5, 0, 3, 6, 1, 2, 7, 4]
+    batch = pairs.batch(indices, EPOCH)
+    rows = rows_source.rows(indices)
+    uncond = sdxl.encode_prompts([""])
+    draws = [pair_draws(SEED, r["pair_id"], EPOCH, empty_prompt_rate=0.5, random_flip=True) for r in rows]
+    assert {d.flip for d in draws} == {True, False} and {d.drop_prompt for d in draws} == {True, False}
+    assert batch.seeds == [d.noise_seed for d in draws]
+    torch.testing.assert_close(batch.p_win, torch.tensor([r["p_win"] for r in rows]))
+    for i, (row, d) in enumerate(zip(rows, draws)):
+        winner = row["winner"]
+        for side, latents, cond in ((winner, batch.latents_w, batch.cond), (1 - winner, batch.latents_l, batch.cond_l)):
+            image = prepare_image(decode_image(row[f"jpg_{side}"]), 16, flip=d.flip)
+            torch.testing.assert_close(latents[i:i + 1], sdxl.encode_images(image.pixels[None]), atol=1e-5, rtol=1e-5)
+            # SDXL micro-conditioning of this very image: original (h, w), crop (top, left), target.
+            height, width = image.original_size
+            top, left = image.crop_top_left
+            assert cond.added["time_ids"][i].tolist() == [height, width, top, left, 16, 16]
+        text = uncond if d.drop_prompt else sdxl.encode_prompts([row["caption"]])
+        for cond in (batch.cond, batch.cond_l):
+            torch.testing.assert_close(cond.hidden_states[i:i + 1], text.hidden_states)
+            torch.testing.assert_close(cond.added["text_embeds"][i:i + 1], text.added["text_embeds"])
+    # The bright winners are 24 x 20 px, the dark losers 20 x 24: each keeps its own size.
+    assert batch.cond.added["time_ids"][:, :2].tolist() == [[20, 24]] * 8
+    assert batch.cond_l.added["time_ids"][:, :2].tolist() == [[24, 20]] * 8
+
+
+def test_cache_batches_equal_image_batches(sdxl, labelled, tmp_path):
+    from smpo.data.cache import build_cache
+
+    build_cache(labelled, tmp_path / "cache", sdxl, progress=False)
+    options = dict(seed=SEED, empty_prompt_rate=0.5, random_flip=False, labels="binary")
+    from_images = ImagePairs(LabelledPairs(labelled), sdxl, resolution=16, **options).batch([2, 7, 1], EPOCH)
+    cached = CachedPairs(tmp_path / "cache", sdxl, max_pairs=None, **options)
+    assert len(cached) == 8
+    from_cache = cached.batch([2, 7, 1], EPOCH)
+    assert from_cache.seeds == from_images.seeds
+    for name in ("latents_w", "latents_l"):  # the cache stores fp16
+        torch.testing.assert_close(getattr(from_cache, name), getattr(from_images, name), atol=2e-3, rtol=2e-3)
+    for a, b in ((from_cache.cond, from_images.cond), (from_cache.cond_l, from_images.cond_l)):
+        torch.testing.assert_close(a.hidden_states, b.hidden_states, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(a.added["time_ids"], b.added["time_ids"])
+    assert from_cache.p_win.tolist() == [1.0, 1.0, 1.0]  # binary labels
+    from smpo.train import TrainConfig
+    from smpo.train.data import open_pairs
+
+    config = TrainConfig()
+    config.data.cache, config.data.resolution = str(tmp_path / "cache"), 32
+    with pytest.raises(ValueError, match="holds 16 px images, not the 32 px asked for"):
+        open_pairs(config, sdxl)
+    with pytest.raises(ValueError, match="made for a sdxl model, not sd15"):
+        CachedPairs(tmp_path / "cache", type("F", (), {"name": "sd15"})(), max_pairs=None, **options)

@@ -1,0 +1,87 @@
+"""Data order, the split across processes and accumulation passes, and per-pair randomness."""
+
+from __future__ import annotations
+
+import pytest
+
+from smpo.train.data import LabelledPairs, Layout, epoch_order, pair_draws, winner_of
+
+
+def _step_pairs(layout: Layout, seed: int, step: int) -> list[list[int]]:
+    return [layout.indices(seed, step, rank, micro)
+            for micro in range(layout.accumulation) for rank in range(layout.num_processes)]
+
+
+def test_a_step_takes_the_same_pairs_whatever_the_split():
+    one = Layout(num_pairs=10, batch_size=1, num_processes=1, accumulation=4)
+    two = Layout(num_pairs=10, batch_size=1, num_processes=2, accumulation=2)
+    four = Layout(num_pairs=10, batch_size=2, num_processes=2, accumulation=1)
+    assert one.global_batch == two.global_batch == four.global_batch == 4
+    assert one.steps_per_epoch == 2  # 10 // 4: the 2 left-over pairs of an epoch are dropped
+    for step in range(5):
+        flat = sorted(sum(_step_pairs(one, 7, step), []))
+        assert flat == sorted(sum(_step_pairs(two, 7, step), [])) == sorted(sum(_step_pairs(four, 7, step), []))
+        assert len(set(flat)) == 4
+    # Step s of epoch e takes the slice [4 (s mod 2), 4 (s mod 2) + 4) of that epoch's permutation.
+    order = epoch_order(10, 7, 1).tolist()
+    assert sorted(sum(_step_pairs(two, 7, 3), [])) == sorted(order[4:8])
+    assert _step_pairs(two, 7, 3) == [[order[4]], [order[5]], [order[6]], [order[7]]]
+
+
+def test_epochs_are_seeded_permutations():
+    a, b = epoch_order(50, 0, 0), epoch_order(50, 0, 1)
+    assert sorted(a.tolist()) == list(range(50))
+    assert a.tolist() == epoch_order(50, 0, 0).tolist()
+    assert a.tolist() != b.tolist() and a.tolist() != epoch_order(50, 1, 0).tolist()
+
+
+def test_too_small_a_dataset_is_named():
+    with pytest.raises(ValueError, match="3 pairs, fewer than one global batch of 4"):
+        Layout(3, 2, 1, 2).indices(0, 0, 0, 0)
+
+
+def test_pair_draws_depend_on_seed_pair_and_epoch_only():
+    draws = [pair_draws(0, f"p{i}", 0, empty_prompt_rate=0.2, random_flip=True) for i in range(400)]
+    assert draws[5] == pair_draws(0, "p5", 0, empty_prompt_rate=0.2, random_flip=True)
+    assert draws[5].noise_seed != pair_draws(0, "p5", 1, empty_prompt_rate=0.2, random_flip=True).noise_seed
+    assert draws[5].noise_seed != pair_draws(1, "p5", 0, empty_prompt_rate=0.2, random_flip=True).noise_seed
+    dropped = sum(d.drop_prompt for d in draws) / 400
+    flipped = sum(d.flip for d in draws) / 400
+    assert 0.14 < dropped < 0.26 and 0.42 < flipped < 0.58  # rates 0.2 and 0.5, +-3 standard errors
+    assert not any(pair_draws(0, f"p{i}", 0, empty_prompt_rate=0.2, random_flip=False).flip for i in range(50))
+    assert not any(pair_draws(0, f"p{i}", 0, empty_prompt_rate=0.0, random_flip=True).drop_prompt for i in range(50))
+
+
+def test_winner_and_probability():
+    row = {"pair_id": "a", "winner": 1, "p_win": 0.6, "label_0": 1.0}
+    assert winner_of(row, "smoothed") == (1, 0.6)  # the reward model's choice
+    assert winner_of(row, "binary") == (0, 1.0)  # the human label
+    assert winner_of({"pair_id": "b", "winner": 1, "p_win": 0.7}, "binary") == (1, 1.0)
+    with pytest.raises(ValueError, match="pair 'c' has no winner/p_win"):
+        winner_of({"pair_id": "c", "label_0": 0.0}, "smoothed")
+
+
+def test_labelled_pairs_read_rows_and_drop_ties(labelled, tmp_path):
+    pairs = LabelledPairs(labelled)
+    assert len(pairs) == 8 and pairs.meta["pair_id"][:2] == ["p000", "p001"]
+    row = pairs.rows([3])[0]
+    assert row["pair_id"] == "p003" and row["winner"] == 1 and row["jpg_1"][:2] == b"\xff\xd8"
+    assert len(LabelledPairs(labelled, max_pairs=5)) == 5
+    import pyarrow.dataset as ds
+
+    everything = ds.dataset(str(labelled), format="parquet").to_table().to_pylist()
+    for index, got in zip([6, 0, 3], pairs.rows([6, 0, 3])):  # in the order asked, across shards
+        assert (got["pair_id"], got["jpg_0"], got["jpg_1"]) == tuple(everything[index][k] for k in ("pair_id", "jpg_0", "jpg_1"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted(labelled.glob("*.parquet"))[0]).to_pylist()
+    table[1]["label_0"] = 0.5
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.Table.from_pylist(table), tmp_path / "d" / "s.parquet")
+    kept = LabelledPairs(tmp_path / "d", drop_ties=True)
+    assert kept.meta["pair_id"] == ["p000", "p002", "p003"]
+    assert kept.rows([1])[0]["jpg_0"] == table[2]["jpg_0"]  # images follow the kept rows
+    pq.write_table(pa.Table.from_pylist([{"caption": "x", "jpg_0": b""}]), tmp_path / "d" / "s.parquet")
+    with pytest.raises(ValueError, match="missing column"):
+        LabelledPairs(tmp_path / "d")

@@ -1,0 +1,66 @@
+"""Optimizers, the learning-rate schedule, and `smpo train --print-config`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from smpo.cli import main
+from smpo.train import TrainConfig, load_config
+from smpo.train.loop import make_optimizer, warmup_factor
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_constant_schedule_with_linear_warm_up():
+    factor = warmup_factor(3)
+    assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0)(0) == 1.0
+
+
+def test_optimizers():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    config = TrainConfig()
+    config.optim.weight_decay = 0.5
+    adamw = make_optimizer(config, params, 0.1)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.defaults["lr"] == 0.1 and adamw.defaults["weight_decay"] == 0.5
+    config.optim.optimizer = "adafactor"
+    adafactor = make_optimizer(config, params, 0.1)
+    assert type(adafactor).__name__ == "Adafactor"
+    assert adafactor.defaults["lr"] == 0.1 and adafactor.defaults["relative_step"] is False
+    config.optim.optimizer = "adamw8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ImportError, match=r"pip install 'smpo\[bnb\]'"):
+            make_optimizer(config, params, 0.1)
+
+
+def test_print_config_resolves_yaml_and_options(tmp_path, capsys):
+    code = main(["train", "--config", str(CONFIGS / "sdxl/smpo.yaml"), "--beta", "3000", "--output-dir", "runs/a",
+                 "--print-config"])
+    assert code == 0
+    (tmp_path / "c.yaml").write_text(capsys.readouterr().out)
+    config = load_config(tmp_path / "c.yaml")
+    assert config.objective.beta == 3000.0 and config.optim.optimizer == "adafactor"
+    assert config.run.output_dir == "runs/a"
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", "--config", str(CONFIGS / "sd15/smpo.yaml"), "--dataset", "d"]) == 2
+    assert "run.output_dir is required" in capsys.readouterr().err
+
+
+def test_trackers_are_optional(tiny_pipelines, labelled, tmp_path, capsys):
+    """`--report-to tensorboard` logs through accelerate when tensorboard is installed, and says
+    what to install when it is not."""
+    run = tmp_path / "run"
+    code = main(["train", "--pretrained", str(tiny_pipelines["sd15"]), "--dataset", str(labelled),
+                 "--output-dir", str(run), "--method", "sft", "--max-steps", "1", "--batch-size", "2",
+                 "--gradient-accumulation-steps", "1", "--report-to", "tensorboard", "--no-progress"])
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        assert code == 1 and "pip install 'smpo[tracking]'" in capsys.readouterr().err
+    else:
+        assert code == 0 and list((run / "logs").rglob("events.out.tfevents.*"))
