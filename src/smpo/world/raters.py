@@ -1,0 +1,122 @@
+"""Simulated raters, and the Pick-a-Pic-schema pair dataset they label.
+
+Each rater weighs prompt fidelity against image quality in their own way (``fidelity_weight``),
+judges with Bradley-Terry noise (the first image wins with probability
+``sigmoid(decisiveness * (u_0 - u_1))`` where ``u = w * fidelity + (1 - w) * quality``), and calls
+a tie when the two utilities are closer than their ``tie_margin``. Their labels play the part of
+Pick-a-Pic's human labels: noisy, binary or tied, and inconsistent between raters.
+
+``build_pair_dataset`` samples two images per prompt from a world pipeline and writes the pairs
+in the columns of Pick-a-Pic v2 (``jpg_0``/``jpg_1`` hold PNG bytes, lossless at 32x32), so that
+the ``smpo label`` reader takes them as it takes the real dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from smpo.io import atomic_path
+from smpo.world.reward import WorldScorer
+
+
+@dataclass(frozen=True)
+class Rater:
+    """One simulated person."""
+
+    user_id: int
+    fidelity_weight: float  # w: 1 cares only about matching the prompt, 0 only about image quality
+    decisiveness: float  # Bradley-Terry scale on the utility difference
+    tie_margin: float  # utility differences below this are ties
+
+    def utility(self, fidelity: float, quality: float) -> float:
+        return self.fidelity_weight * fidelity + (1.0 - self.fidelity_weight) * quality
+
+    def prob_first(self, utility_0: float, utility_1: float) -> float:
+        """Bradley-Terry probability that the first image wins (given that it is not a tie)."""
+        return 1.0 / (1.0 + math.exp(-self.decisiveness * (utility_0 - utility_1)))
+
+    def label(self, utility_0: float, utility_1: float, rng: np.random.Generator) -> float:
+        """Pick-a-Pic's ``label_0``: 1 (first preferred), 0 (second preferred) or 0.5 (tie)."""
+        if abs(utility_0 - utility_1) < self.tie_margin:
+            return 0.5
+        return 1.0 if rng.random() < self.prob_first(utility_0, utility_1) else 0.0
+
+
+def make_raters(count: int = 20, *, seed: int = 0) -> list[Rater]:
+    """``count`` raters with varied tastes: fidelity weight in [0.2, 0.95], decisiveness in [5, 40]
+    (log-uniform), tie margin in [0.005, 0.04]."""
+    rng = np.random.default_rng(seed)
+    return [Rater(user_id=i, fidelity_weight=float(rng.uniform(0.2, 0.95)),
+                  decisiveness=float(np.exp(rng.uniform(np.log(5), np.log(40)))),
+                  tie_margin=float(rng.uniform(0.005, 0.04))) for i in range(count)]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sample_pairs(pipe, prompts: list[str], *, seed: int = 0, num_inference_steps: int = 20,
+                 guidance_scale: float = 3.0, batch_size: int = 64) -> list[tuple[Image.Image, Image.Image]]:
+    """Two samples of ``pipe`` per prompt; image ``k`` of prompt ``i`` uses seed ``seed + 2 i + k``."""
+    images: list[Image.Image] = []
+    jobs = [(p, seed + 2 * i + k) for i, p in enumerate(prompts) for k in (0, 1)]
+    for start in tqdm(range(0, len(jobs), batch_size), desc="sample pairs", leave=False):
+        chunk = jobs[start:start + batch_size]
+        images += pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps,
+                       guidance_scale=guidance_scale,
+                       generator=[torch.Generator().manual_seed(s) for _, s in chunk]).images
+    return list(zip(images[0::2], images[1::2]))
+
+
+def label_pairs(pairs: list[tuple[Image.Image, Image.Image]], prompts: list[str], raters: list[Rater], *,
+                scorer: WorldScorer | None = None, seed: int = 0) -> list[dict]:
+    """Pick-a-Pic-schema rows: one random rater labels each pair."""
+    scorer = scorer or WorldScorer()
+    flat = [im for pair in pairs for im in pair]
+    parts = scorer.components(flat, [p for p in prompts for _ in (0, 1)])
+    fidelity, quality = parts["fidelity"].tolist(), parts["quality"].tolist()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, ((image_0, image_1), prompt) in enumerate(zip(pairs, prompts)):
+        rater = raters[int(rng.integers(len(raters)))]
+        label_0 = rater.label(rater.utility(fidelity[2 * i], quality[2 * i]),
+                              rater.utility(fidelity[2 * i + 1], quality[2 * i + 1]), rng)
+        uid_0, uid_1 = f"{i:06d}-0", f"{i:06d}-1"
+        rows.append(dict(
+            ranking_id=i, user_id=rater.user_id, caption=prompt, num_example_per_prompt=1,
+            jpg_0=png_bytes(image_0), jpg_1=png_bytes(image_1), label_0=label_0, label_1=1.0 - label_0,
+            image_0_uid=uid_0, image_1_uid=uid_1, model_0="world-base", model_1="world-base",
+            best_image_uid="" if label_0 == 0.5 else (uid_0 if label_0 == 1.0 else uid_1),
+            has_label=True, are_different=True,
+        ))
+    return rows
+
+
+def write_parquet(rows: list[dict], path: str | Path) -> Path:
+    """Write rows as one parquet shard, atomically."""
+    import pandas as pd
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def build_pair_dataset(pipe, output_dir: str | Path, prompts: list[str], *, seed: int = 0, raters: int = 20,
+                       num_inference_steps: int = 20, guidance_scale: float = 3.0) -> Path:
+    """Sample, rate and write ``output_dir/train-00000-of-00001.parquet``; returns the folder."""
+    pairs = sample_pairs(pipe, prompts, seed=seed, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale)
+    rows = label_pairs(pairs, prompts, make_raters(raters, seed=seed), seed=seed)
+    out = Path(output_dir)
+    write_parquet(rows, out / "train-00000-of-00001.parquet")
+    return out
