@@ -47,8 +47,8 @@ class DemoConfig:
     train_steps: int = 60  # optimizer steps per method
     batch_size: int = 8  # pairs per optimizer step
     learning_rate: float = 3e-5  # the same for every method (not scaled by the batch)
-    eval_every: int = 30  # evaluate the held-out reward every N steps (and at the end)
-    eval_prompts: int = 64  # held-out prompts used for evaluation (one image each; 93 = all)
+    eval_every: int = 20  # evaluate the held-out reward every N steps (and at the end)
+    eval_prompts: int = 93  # held-out prompts used for evaluation (one image each; 93 = all, the least noisy median)
     sample_steps: int = 10  # DDIM steps for every sample (pairs and evaluation)
     guidance_scale: float = 3.0  # CFG for every sample
     raters: int = 20
