@@ -17,6 +17,7 @@ inverts both images together. ``family.unet_evals`` counts the UNet sample-evalu
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -170,10 +171,14 @@ class NoisedBatch:
 # Per-pair randomness
 
 
-def derive_seed(seed: int, k: int) -> int:
-    """A sub-seed number ``k`` of ``seed`` (independent streams for the images of one pair)."""
-    g = torch.Generator().manual_seed(int(seed))
-    return int(torch.randint(0, 2**62, (k + 1,), generator=g)[k])
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any hashable parts (e.g. ``(seed, pair_id, epoch, "noise")`` or ``(seed, k)``).
+
+    Uses a cryptographic hash of the parts' text, so it is the same on every process, platform
+    and Python run (``hash()`` of a string is salted per process).
+    """
+    text = "\x1f".join(repr(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
 def draw_t_and_noise(seeds: Sequence[int], shape: Sequence[int], num_timesteps: int,

@@ -21,7 +21,6 @@ encoded by the VAE in the loop) and a ``smpo cache`` folder (latents and text em
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,18 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from smpo.objective import derive_seed
+
 # ---------------------------------------------------------------------------------------------
 # Randomness and order
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any hashable parts (e.g. ``(seed, pair_id, epoch, "noise")``).
-
-    Uses a cryptographic hash of the parts' text, so it is the same on every process, platform
-    and Python run (``hash()`` of a string is salted per process).
-    """
-    text = "\x1f".join(repr(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
 def pair_generator(seed: int, pair_id: Any, epoch: int, stream: str) -> torch.Generator:
