@@ -173,6 +173,27 @@ def test_kto_from_pairs_and_images():
     assert isinstance(images, ImageBatch) and out.losses.shape == (4,)
 
 
+def test_kto_reference_point_over_processes():
+    """With ``mean_over_processes`` (accelerate's mean-reduce in the loop) z0 is its result, clamped at 0."""
+    family, policy, reference = _family(), StandIn(0.3), StandIn(0.2)
+    images, cfg = _batch().to_images(), ObjectiveConfig(method="kto", beta=5.0)
+    local = compute_loss(family, policy, reference, images, cfg)
+    seen = []
+
+    def other_processes_higher(value):
+        seen.append(value)
+        return value + 0.25
+
+    shared = compute_loss(family, policy, reference, images, cfg, mean_over_processes=other_processes_higher)
+    g = float(local.metrics["ref_mse"] - local.metrics["model_mse"])  # this batch's mean implicit reward
+    assert len(seen) == 1 and not seen[0].requires_grad and float(seen[0]) == pytest.approx(g, abs=1e-6)
+    assert float(local.metrics["kl_reference_point"]) == pytest.approx(max(g, 0.0), abs=1e-6)
+    assert float(shared.metrics["kl_reference_point"]) == pytest.approx(max(g + 0.25, 0.0), abs=1e-6)
+    assert not torch.allclose(shared.losses, local.losses)
+    low = compute_loss(family, policy, reference, images, cfg, mean_over_processes=lambda v: v - 10.0)
+    assert float(low.metrics["kl_reference_point"]) == 0.0
+
+
 def test_config_validation_and_defaults():
     cfg = ObjectiveConfig().resolved()
     assert (cfg.method, cfg.noising, cfg.labels, cfg.beta) == ("smpo", "renoise", "smoothed", 2000.0)

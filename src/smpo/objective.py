@@ -18,7 +18,7 @@ inverts both images together. ``family.unet_evals`` counts the UNet sample-evalu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -238,12 +238,15 @@ def errors(family: FamilyAdapter, network: Any, noised: NoisedBatch, x0: Tensor,
 
 
 def compute_loss(family: FamilyAdapter, policy: Any, reference: Any | None, batch: PairBatch | ImageBatch,
-                 cfg: ObjectiveConfig) -> LossOutput:
+                 cfg: ObjectiveConfig, *, mean_over_processes: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
     """The loss of ``cfg.method`` on ``batch`` (differentiable w.r.t. ``policy``'s trainable weights).
 
     ``policy``: the UNet being trained. ``reference``: a frozen UNet, the LoRA adapters-off view
     (``smpo.models.reference_view``) or ``None`` for reference-free methods (mapo, sft).
-    KTO accepts an :class:`ImageBatch` or a :class:`PairBatch` (split into its images).
+    KTO accepts an :class:`ImageBatch` or a :class:`PairBatch` (split into its images); its
+    reference point is the mean implicit reward of this batch, or, given ``mean_over_processes``
+    (the training loop passes accelerate's mean-reduce), of this pass's batches on all processes
+    (as the authors compute it).
     """
     cfg = cfg.resolved()
     if cfg.needs_reference and reference is None:
@@ -251,7 +254,7 @@ def compute_loss(family: FamilyAdapter, policy: Any, reference: Any | None, batc
     inverter = policy if cfg.inverting_network == "policy" else reference
     if cfg.method == "kto":
         images = batch if isinstance(batch, ImageBatch) else batch.to_images()
-        return _kto(family, policy, reference, inverter, images, cfg)
+        return _kto(family, policy, reference, inverter, images, cfg, mean_over_processes)
     if not isinstance(batch, PairBatch):
         raise TypeError(f"method {cfg.method} needs a PairBatch, got {type(batch).__name__}")
     if cfg.method == "sft":
@@ -295,7 +298,7 @@ def _sft(family: FamilyAdapter, policy: Any, inverter: Any, batch: PairBatch, cf
 
 
 def _kto(family: FamilyAdapter, policy: Any, reference: Any, inverter: Any, batch: ImageBatch,
-         cfg: ObjectiveConfig) -> LossOutput:
+         cfg: ObjectiveConfig, mean_over_processes: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
     """Diffusion-KTO: independent t and eps per image (ALGORITHM.md section 4)."""
     x0 = batch.latents.float()
     t, eps = draw_t_and_noise(batch.seeds, x0.shape[1:], family.num_timesteps, x0.device)
@@ -303,6 +306,9 @@ def _kto(family: FamilyAdapter, policy: Any, reference: Any, inverter: Any, batc
     model = errors(family, policy, noised, x0, batch.cond)
     with torch.no_grad():
         ref = errors(family, reference, noised, x0, batch.cond)
-    out = LOSSES["kto"](model, ref, desirable=batch.desirable.to(x0.device), beta=cfg.beta)
+    point = None
+    if mean_over_processes is not None:
+        point = mean_over_processes((ref - model).detach().mean())
+    out = LOSSES["kto"](model, ref, desirable=batch.desirable.to(x0.device), beta=cfg.beta, reference_point=point)
     out.metrics["t_mean"] = t.float().mean()
     return out

@@ -84,6 +84,9 @@ class DataConfig:
     """Flip both images of a pair horizontally with probability 1/2 (decided per pair from the seed)."""
     max_pairs: int | None = None
     """Use only the first N pairs of the dataset (in file order)."""
+    kto_desirable_share: float = 0.5
+    """KTO only: expected share of desirable images among those drawn (the authors' weighted
+    sampler; 0.5 default, 0.8 in their example)."""
 
 
 @dataclass
@@ -171,6 +174,7 @@ class TrainConfig:
             (bool(self.data.dataset) or bool(self.data.cache), "data.dataset or data.cache is required"),
             (bool(self.run.output_dir), "run.output_dir is required"),
             (0.0 <= self.data.empty_prompt_rate <= 1.0, "data.empty_prompt_rate must be in [0, 1]"),
+            (0.0 < self.data.kto_desirable_share < 1.0, "data.kto_desirable_share must be in (0, 1)"),
             (self.optim.batch_size >= 1, "optim.batch_size must be >= 1"),
             (self.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps must be >= 1"),
             (self.optim.max_steps >= 1, "optim.max_steps must be >= 1"),

@@ -179,6 +179,10 @@ class ImagePairs:
     def __len__(self) -> int:
         return len(self.labelled)
 
+    def pair_meta(self) -> list[dict[str, Any]]:
+        """Every pair's label columns (no images), in dataset order."""
+        return self.labelled.rows(list(range(len(self.labelled))), images=False)
+
     def batch(self, indices: list[int], epoch: int) -> Any:
         from smpo.data.pairs import decode_image
         from smpo.models.family import prepare_image
@@ -258,6 +262,10 @@ class CachedPairs:
     def __len__(self) -> int:
         return len(self.pair_ids)
 
+    def pair_meta(self) -> list[dict[str, Any]]:
+        """Every pair's label columns, in this source's order (the cache keeps no image uids)."""
+        return [{"pair_id": pid, **self.cache.get(pid).labels} for pid in self.pair_ids]
+
     def batch(self, indices: list[int], epoch: int) -> Any:
         from smpo.models.family import Conditioning
 
@@ -281,8 +289,88 @@ class CachedPairs:
                                cond_l=cond_l if cond_w.added is not None else None)
 
 
+class KTOImages:
+    """Diffusion-KTO's unpaired images (ALGORITHM.md section 4) drawn from a pair source.
+
+    Each distinct image (by ``image_{0,1}_uid`` when the dataset has them, as Pick-a-Pic does;
+    else by pair and side) is desirable if it won at least one of its pairs under the binary
+    labels (the authors' ``gt_label_wi_l`` policy: an image that both won and lost counts as
+    desirable), undesirable if it only lost. Each epoch draws images with replacement so that the
+    expected share of desirable ones is ``desirable_share`` (the authors' weighted sampler,
+    ``--positive_ratio``). A "pair" of the training budget is two drawn images, so a KTO step
+    costs what a DPO step of the same batch costs.
+
+    The draws depend on ``(seed, epoch)`` alone and each image's t and noise on ``(seed, epoch,
+    slot)``, so, as for the pairwise methods, the split among processes does not change them.
+    """
+
+    def __init__(self, pairs: Any, *, seed: int, desirable_share: float, source: str = "the dataset"):
+        if not 0.0 < desirable_share < 1.0:
+            raise ValueError(f"kto_desirable_share must lie in (0, 1); got {desirable_share}")
+        self.pairs, self.seed = pairs, seed
+        self.uncond = pairs.uncond
+        first: dict[str, tuple[int, int]] = {}
+        won: dict[str, bool] = {}
+        self.winner_side: list[int] = []
+        for index, row in enumerate(pairs.pair_meta()):
+            winner, _ = winner_of(row, "binary")
+            self.winner_side.append(winner)
+            for side in (0, 1):
+                uid = str(row.get(f"image_{side}_uid") or f"{row['pair_id']}:{side}")
+                first.setdefault(uid, (index, side))
+                won[uid] = won.get(uid, False) or side == winner
+        self.images = list(first.values())  # (pair index, side) of each distinct image
+        self.desirable = np.array([won[uid] for uid in first], dtype=bool)
+        n_good = int(self.desirable.sum())
+        n_bad = len(self.desirable) - n_good
+        if n_good == 0 or n_bad == 0:
+            raise ValueError(f"{source}: KTO needs desirable and undesirable images; found {n_good} desirable "
+                             f"and {n_bad} undesirable among {len(self.desirable)} images")
+        self.weights = np.where(self.desirable, desirable_share / n_good, (1.0 - desirable_share) / n_bad)
+        self._draws: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.images) // 2
+
+    def draws(self, epoch: int) -> np.ndarray:
+        """The epoch's image sequence (indices into ``self.images``), two per slot."""
+        if epoch not in self._draws:
+            rng = np.random.default_rng(derive_seed(self.seed, "kto-sampler", epoch))
+            self._draws = {epoch: rng.choice(len(self.images), size=2 * len(self), p=self.weights)}
+        return self._draws[epoch]
+
+    def batch(self, indices: list[int], epoch: int) -> Any:
+        from smpo.models.family import Conditioning
+        from smpo.objective import ImageBatch
+
+        draws = self.draws(epoch)
+        positions = [2 * slot + k for slot in indices for k in (0, 1)]
+        picks = [self.images[draws[p]] for p in positions]
+        pair_indices = list(dict.fromkeys(i for i, _ in picks))
+        paired = self.pairs.batch(pair_indices, epoch)
+        latents, conds = [], []
+        for i, side in picks:
+            j = pair_indices.index(i)
+            is_winner = side == self.winner_side[i]
+            latents.append(paired.latents_w[j] if is_winner else paired.latents_l[j])
+            cond = paired.cond if is_winner or paired.cond_l is None else paired.cond_l
+            conds.append(cond.index([j]))
+        desirable = torch.tensor([bool(self.desirable[draws[p]]) for p in positions], device=paired.latents_w.device)
+        return ImageBatch(latents=torch.stack(latents), cond=Conditioning.cat(conds), desirable=desirable,
+                          seeds=[derive_seed(self.seed, "kto", epoch, p) for p in positions], uncond=paired.uncond)
+
+
 def open_pairs(config: Any, family: Any) -> Any:
-    """The pair source of a run: a ``smpo cache`` folder when ``data.cache`` is set, else the dataset."""
+    """The pair source of a run: a ``smpo cache`` folder when ``data.cache`` is set, else the dataset;
+    for KTO, the images drawn from it (`KTOImages`)."""
+    source = _pair_source(config, family)
+    if config.objective.method == "kto":
+        return KTOImages(source, seed=config.run.seed, desirable_share=config.data.kto_desirable_share,
+                         source=config.data.cache or config.data.dataset)
+    return source
+
+
+def _pair_source(config: Any, family: Any) -> Any:
     labels = config.objective.resolved().labels
     common = dict(seed=config.run.seed, empty_prompt_rate=config.data.empty_prompt_rate,
                   random_flip=config.data.random_flip, labels=labels)

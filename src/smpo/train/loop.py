@@ -160,11 +160,15 @@ def _train_step(step: int, family: Any, policy: Any, reference: Any, pairs: Any,
     grad_norm = None
     lr = scheduler.get_last_lr()[0]
     policy.train()
+    reduce_mean = None
+    if accelerator.num_processes > 1:
+        def reduce_mean(value: torch.Tensor) -> torch.Tensor:
+            return accelerator.reduce(value, reduction="mean")
     for micro in range(passes):
         indices = layout.indices(config.run.seed, step, accelerator.process_index, micro)
         batch = pairs.batch(indices, epoch)
         with accelerator.accumulate(policy), accelerator.autocast():
-            out = compute_loss(family, policy, reference, batch, config.objective)
+            out = compute_loss(family, policy, reference, batch, config.objective, mean_over_processes=reduce_mean)
             accelerator.backward(out.loss)
             for name, value in {"loss": out.loss, **out.metrics}.items():
                 value = torch.as_tensor(value, device=accelerator.device).detach().float()
