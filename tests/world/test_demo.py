@@ -42,3 +42,24 @@ def test_demo_quick_writes_report_plot_and_grid(tmp_path):
     assert Image.open(out / "grid.png").size == (110 + 8 * 96, 3 * 96)
     with pytest.raises(OutputExistsError):
         main(["demo", "--quick", "--output", str(out)])
+    # A demo stopped during DPO's training resumes: the pairs, labels, base and SmPO are kept,
+    # DPO continues from its step-2 checkpoint, and the report comes out the same.
+    import shutil
+
+    first = report
+    for gone in ("runs/dpo/checkpoints/step-000004", "runs/dpo/final", "unets/dpo/step-000004",
+                 "eval/dpo-step-000004", "report.json", "report.md"):
+        path = out / gone
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    kept = [out / "eval" / "smpo-step-000004" / "images" / "00000_00.png", out / "runs" / "smpo" / "metrics.jsonl",
+            out / "pairs" / "train-00000-of-00001.parquet", out / "labelled" / "labels.json"]
+    stamps = [path.stat().st_mtime_ns for path in kept]
+    assert main(["demo", "--quick", "--output", str(out), "--seed", "0", "--resume"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert [path.stat().st_mtime_ns for path in kept] == stamps  # not made again
+    assert (out / "runs" / "dpo" / "final" / "unet" / "config.json").is_file()
+    for name, curve in first["reward_vs_step"].items():
+        assert again["reward_vs_step"][name] == pytest.approx(curve, abs=1e-3), name
+    assert again["median_reward"] == pytest.approx(first["median_reward"], abs=1e-3)
+    with pytest.raises(ValueError, match="made with other settings .*seed: 0 -> 1"):
+        main(["demo", "--quick", "--output", str(out), "--seed", "1", "--resume"])

@@ -63,6 +63,9 @@ QUICK = DemoConfig(pairs=48, train_steps=4, batch_size=4, eval_every=2, eval_pro
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo-output", help="output folder (default: demo-output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped demo in --output (same settings): finished stages are kept, "
+                             "training continues from its last checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs, raters, training and sampling")
     parser.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes) for tests and CI")
     parser.add_argument("--methods", default=None,
@@ -102,9 +105,13 @@ def pair_prompts(count: int, seed: int) -> list[str]:
 
 
 def make_pairs(base: Path, out: Path, cfg: DemoConfig) -> Path:
-    """Stage 1: sample two images per prompt with the base, let the raters label them."""
+    """Stage 1: sample two images per prompt with the base, let the raters label them (kept if
+    already written: the shard is written atomically)."""
     from smpo.world.model import load_world_pipeline
-    from smpo.world.raters import build_pair_dataset
+    from smpo.world.raters import PAIRS_FILE, build_pair_dataset
+
+    if (out / PAIRS_FILE).is_file():
+        return out
 
     pipe = load_world_pipeline(base)
     return build_pair_dataset(pipe, out, pair_prompts(cfg.pairs, cfg.seed), seed=cfg.seed, raters=cfg.raters,
@@ -112,15 +119,20 @@ def make_pairs(base: Path, out: Path, cfg: DemoConfig) -> Path:
 
 
 def label(pairs: Path, out: Path) -> dict[str, Any]:
-    """Stage 2: ``smpo label`` with the world reward model (human ties kept: SmPO uses every pair)."""
-    from smpo.data.label import label_pairs
+    """Stage 2: ``smpo label`` with the world reward model (human ties kept: SmPO uses every pair);
+    an unfinished labelling resumes, a finished one is read back."""
+    from smpo.data.label import LABELS_FILE, LabelSummary, label_pairs
+    from smpo.io import read_json
+
+    if (out / LABELS_FILE).is_file():
+        return asdict(LabelSummary.from_dict(read_json(out / LABELS_FILE)))
 
     summary = label_pairs(pairs, out, scorer="world", keep_ties=True, progress=False)
     return asdict(summary)
 
 
 def train_config(method: str, base: Path, dataset: Path, run_dir: Path, cfg: DemoConfig,
-                 objective: dict[str, Any] | None = None):
+                 objective: dict[str, Any] | None = None, resume: bool = False):
     """The ``smpo train`` config of one method: the paper's objective settings (method defaults:
     beta, gamma 10, ReNoise with a 5-step grid for SmPO), the demo's budget."""
     from smpo.objective import ObjectiveConfig
@@ -134,14 +146,19 @@ def train_config(method: str, base: Path, dataset: Path, run_dir: Path, cfg: Dem
         optim=OptimConfig(learning_rate=cfg.learning_rate, scale_lr=False, warmup_steps=0,
                           batch_size=cfg.batch_size, gradient_accumulation_steps=1, max_steps=cfg.train_steps),
         run=RunConfig(output_dir=str(run_dir), seed=cfg.seed, mixed_precision="no", checkpoint_every=cfg.eval_every,
+                      resume=resume,
                       keep_checkpoints=cfg.train_steps // max(cfg.eval_every, 1) + 1, progress=False),
     ).validate()
 
 
 def checkpoint_unet(checkpoint: Path, base: Path, out: Path) -> Path:
-    """A training checkpoint's policy weights as a UNet folder that ``smpo generate --unet`` loads."""
+    """A training checkpoint's policy weights as a UNet folder that ``smpo generate --unet`` loads
+    (kept if already written: it is written atomically)."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
+
+    if out.is_dir():
+        return out
 
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     weights = checkpoint / "model.safetensors"
@@ -172,15 +189,17 @@ def generate_and_evaluate(base: Path, unet: Path | None, prompts: list[str], out
 
 
 def train_and_track(method: str, base: Path, dataset: Path, out: Path, prompts: list[str], cfg: DemoConfig,
-                    scorer: Any, objective: dict[str, Any] | None = None) -> dict[int, float]:
-    """Stage 3 and 4 for one method: train, then the held-out median reward at every checkpoint."""
+                    scorer: Any, objective: dict[str, Any] | None = None, resume: bool = False) -> dict[int, float]:
+    """Stage 3 and 4 for one method: train, then the held-out median reward at every checkpoint
+    (``resume``: continue the run's last checkpoint; images and scores already made are kept)."""
     from smpo.train.checkpoint import list_checkpoints
     from smpo.train.loop import train
 
     run_dir = out / "runs" / method
-    result = train(train_config(method, base, dataset, run_dir, cfg, objective))
+    if not (resume and (run_dir / "final").is_dir()):  # the export is written last, atomically
+        train(train_config(method, base, dataset, run_dir, cfg, objective, resume=resume))
     curve = {}
-    for checkpoint in list_checkpoints(result.run_dir):
+    for checkpoint in list_checkpoints(run_dir):
         step = int(checkpoint.name.split("-")[-1])
         unet = checkpoint_unet(checkpoint, base, out / "unets" / method / checkpoint.name)
         curve[step] = generate_and_evaluate(base, unet, prompts, out / "eval" / f"{method}-{checkpoint.name}", cfg,
@@ -255,16 +274,39 @@ def report_table(names: list[str], medians: dict[str, float], means: dict[str, f
     return "\n".join(lines) + "\n"
 
 
+SETTINGS_FILE = "demo.json"
+
+
+def check_settings(out: Path, settings: dict[str, Any], *, resume: bool) -> None:
+    """Write the run's settings; on ``resume``, refuse a folder made with other settings."""
+    path = out / SETTINGS_FILE
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise ValueError(f"{out} was made with other settings ({'; '.join(changed)}); rerun with those "
+                             "settings, or pass --overwrite to start again")
+        return
+    write_json(path, settings)
+
+
 def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, base: str | Path | None = None,
-             overwrite: bool = False) -> dict[str, Any]:
-    """Run every stage into ``output``; return the report's data (also in ``report.json``)."""
+             overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run every stage into ``output``; return the report's data (also in ``report.json``).
+
+    ``resume`` continues a stopped run in ``output`` made with the same settings: finished stages
+    are kept, training continues from the last checkpoint, only missing images are made and scored.
+    """
     import pandas as pd
 
     from smpo.evaluation.compare import compare
     from smpo.world.reward import load_world_scorer
 
-    out = prepare_output_dir(output, overwrite=overwrite, resume=False)
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other")
+    out = prepare_output_dir(output, overwrite=overwrite, resume=resume)
     base = Path(base) if base is not None else base_path()
+    check_settings(out, {**json.loads(json.dumps(asdict(cfg))), "base": str(base)}, resume=resume)
     scorer = load_world_scorer()
     prompts = split("held_out")[: cfg.eval_prompts]
     timings: dict[str, float] = {}
@@ -286,7 +328,8 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, base: str | 
     curves = {}
     for method in cfg.methods:
         objective = {"noising": cfg.smpo_noising} if method == "smpo" else None
-        curves[method] = train_and_track(method, base, out / "labelled", out, prompts, cfg, scorer, objective)
+        curves[method] = train_and_track(method, base, out / "labelled", out, prompts, cfg, scorer, objective,
+                                         resume=resume)
         lap(f"{method} training and evaluation")
 
     finals = {METHOD_NAMES[m]: out / "eval" / f"{m}-step-{max(curves[m]):06d}" for m in cfg.methods}
@@ -346,7 +389,7 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, base: str | 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    run_demo(args.output, cfg, base=args.base, overwrite=args.overwrite)
+    run_demo(args.output, cfg, base=args.base, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 

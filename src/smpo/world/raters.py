@@ -102,6 +102,9 @@ def label_pairs(pairs: list[tuple[Image.Image, Image.Image]], prompts: list[str]
     return rows
 
 
+PAIRS_FILE = "train-00000-of-00001.parquet"
+
+
 def write_parquet(rows: list[dict], path: str | Path) -> Path:
     """Write rows as one parquet shard, atomically."""
     import pandas as pd
@@ -118,5 +121,5 @@ def build_pair_dataset(pipe, output_dir: str | Path, prompts: list[str], *, seed
                          guidance_scale=guidance_scale)
     rows = label_pairs(pairs, prompts, make_raters(raters, seed=seed), seed=seed)
     out = Path(output_dir)
-    write_parquet(rows, out / "train-00000-of-00001.parquet")
+    write_parquet(rows, out / PAIRS_FILE)
     return out
