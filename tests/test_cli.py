@@ -28,3 +28,43 @@ def test_unknown_command_is_a_clear_error(capsys):
 def test_console_script_module_runs():
     out = subprocess.run([sys.executable, "-m", "smpo", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"smpo {smpo.__version__}"
+
+
+def _parse(command: str, argv: list[str]):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize(("command", "argv", "dest"), [
+    ("cache", ["data", "--model", "p"], "out"),
+    ("generate", ["--model", "p", "--prompts", "parti"], "out"),
+    ("evaluate", ["folder"], "out"),
+    ("compare", ["a", "b"], "out"),
+    ("demo", [], "output"),
+    ("train", [], "run.output_dir"),
+])
+def test_every_command_takes_output(command, argv, dest):
+    """`--output` names the output folder in every command (the older `--out` still works)."""
+    args = vars(_parse(command, [*argv, "--output", "somewhere"]))
+    assert args[dest] == "somewhere"
+    if dest == "out":
+        assert vars(_parse(command, [*argv, "--out", "elsewhere"]))[dest] == "elsewhere"
+
+
+def test_train_takes_model_like_the_other_commands():
+    assert vars(_parse("train", ["--model", "runwayml/stable-diffusion-v1-5"]))["model.pretrained"] == \
+        "runwayml/stable-diffusion-v1-5"
+
+
+def test_label_output_as_argument_or_option(tmp_path, capsys):
+    from smpo.data.label import _output
+
+    assert _output(_parse("label", ["src", "out"])) == "out"
+    assert _output(_parse("label", ["src", "--output", "out"])) == "out"
+    assert main(["label", str(tmp_path / "src"), "--no-progress"]) == 2
+    assert "give the output folder once, as OUTPUT or --output" in capsys.readouterr().err
+    assert main(["label", str(tmp_path / "src"), "a", "--output", "b", "--no-progress"]) == 2

@@ -376,7 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="labelled dataset (output of `smpo label`: a folder of parquet shards), "
                         "or any source the pair reader takes")
     parser.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (its VAE and text encoders)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--output", "--out", dest="out", required=True, help="output folder")
     parser.add_argument("--family", default="auto", choices=["auto", "sd15", "sdxl"], help="model family (default: auto)")
     parser.add_argument("--vae", default=None, help="separate VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix)")
     parser.add_argument("--revision", default=None, help="hub revision of --model")

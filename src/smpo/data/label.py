@@ -498,7 +498,10 @@ def _metadata(summary: LabelSummary, plan: dict[str, Any], settings: RunSettings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="pairs in the Pick-a-Pic v2 schema: a save_to_disk folder, a parquet file or "
                         "folder, a hub dataset id (streamed), or a JSONL of {prompt, image_0, image_1, label_0}")
-    parser.add_argument("output", help="the new labelled dataset folder (an unfinished run there is resumed)")
+    parser.add_argument("output", nargs="?", default=None,
+                        help="the new labelled dataset folder (an unfinished run there is resumed); or --output")
+    parser.add_argument("--output", dest="output_option", metavar="OUTPUT", default=None,
+                        help="the same as the OUTPUT argument (the option every smpo command takes)")
     parser.add_argument("--scorer", default="pickscore",
                         help="reward model: pickscore (default), hpsv2.1, imagereward, aesthetic, clip, world")
     parser.add_argument("--scorer-path", default=None, help="local folder/file or hub id of the scorer's weights")
@@ -516,6 +519,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _output(args: argparse.Namespace) -> str:
+    if (args.output is None) == (args.output_option is None):
+        raise LabelError("give the output folder once, as OUTPUT or --output")
+    return args.output if args.output is not None else args.output_option
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -526,7 +535,7 @@ def _positive_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         summary = label_pairs(
-            args.source, args.output, scorer=args.scorer, scorer_path=args.scorer_path, split=args.split,
+            args.source, _output(args), scorer=args.scorer, scorer_path=args.scorer_path, split=args.split,
             keep_ties=args.keep_ties, batch_size=args.batch_size, shard_size=args.shard_size,
             score_min=args.score_min, score_max=args.score_max, limit=args.limit, device=args.device,
             dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,

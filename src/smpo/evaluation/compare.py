@@ -240,7 +240,7 @@ def parse_display_scale(items: Sequence[str] | None) -> dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", help="evaluated folders (generated folders with evaluation/, "
                         "evaluation folders or scores.parquet files); the first one is judged against the others")
-    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--output", "--out", dest="out", required=True, help="report folder")
     parser.add_argument("--names", nargs="+", help="model names (default: folder names)")
     parser.add_argument("--scorers", nargs="+", help="scorers to compare (default: all that every model has)")
     parser.add_argument("--display-scale", action="append", metavar="NAME=FACTOR",

@@ -217,7 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"scorers to run (default: {' '.join(PAPER_SCORERS)}); any name smpo.rewards accepts")
     parser.add_argument("--scorer-path", action="append", metavar="NAME=PATH",
                         help="local folder or hub id of a scorer's weights; repeat per scorer")
-    parser.add_argument("--out", help="output folder (default: FOLDER/evaluation)")
+    parser.add_argument("--output", "--out", dest="out", help="output folder (default: FOLDER/evaluation)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per scorer forward pass")
     parser.add_argument("--chunk-size", type=int, default=64, help="images per saved piece (resume granularity)")
     parser.add_argument("--device", help="device (default: the best available)")

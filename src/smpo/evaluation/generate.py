@@ -302,7 +302,7 @@ def _earlier_records(out: Path) -> list[ImageRecord]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=_doc("model"))
     parser.add_argument("--prompts", required=True, help=_doc("prompts"))
-    parser.add_argument("--out", required=True, help=_doc("out"))
+    parser.add_argument("--output", "--out", dest="out", required=True, help=_doc("out"))
     parser.add_argument("--unet", help=_doc("unet"))
     parser.add_argument("--lora-scale", type=float, default=1.0, help=_doc("lora_scale"))
     parser.add_argument("--categories", nargs="+", help=_doc("categories"))

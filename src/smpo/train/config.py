@@ -355,6 +355,10 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Extra spellings of some options, so that every command takes ``--model`` and ``--output``.
+ALIASES: dict[str, tuple[str, ...]] = {"output_dir": ("--output",), "pretrained": ("--model",)}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--field-name`` option per config field, grouped by section, help from the docstrings.
 
@@ -382,7 +386,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 choices = list(typing.get_args(inner)) if name not in CHOICES else list(CHOICES[name])
                 group.add_argument(option_name(name), choices=choices, **kwargs)
             else:
-                group.add_argument(option_name(name), metavar=name.upper(), **kwargs)
+                group.add_argument(option_name(name), *ALIASES.get(name, ()), metavar=name.upper(), **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
