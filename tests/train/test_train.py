@@ -175,3 +175,36 @@ def test_existing_output_is_refused(tiny_pipelines, labelled, tmp_path, capsys):
     code = main(["train", "--pretrained", str(tiny_pipelines["sd15"]), "--dataset", str(labelled),
                  "--output-dir", str(tmp_path / "run"), "--no-progress"])
     assert code == 1 and "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_bf16_mixed_precision_trains_on_the_cpu(finetune, tiny_pipelines, labelled, tmp_path):
+    """bf16 autocast (accelerate) with the frozen part in bf16: the policy and the reference round
+    alike, so step 1 is exactly log 2; the trainable weights and the export stay float32."""
+    from diffusers import UNet2DConditionModel
+
+    from smpo.train.loop import load_model, setup_models
+
+    config = _config(tiny_pipelines["sd15"], labelled, tmp_path / "run", max_steps=2, batch_size=2,
+                     gradient_accumulation_steps=1, warmup_steps=0, learning_rate=1e-3, scale_lr=False)
+    config.run.mixed_precision = "bf16"
+    config.model.finetune, config.model.lora_rank = finetune, 4
+    config.objective.inversion_steps = 2
+    policy, reference = setup_models(load_model(config, "cpu"), config)
+    trainable = {p.dtype for p in policy.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in policy.parameters() if not p.requires_grad}
+    if finetune == "full":
+        assert trainable == {torch.float32} and reference.dtype == torch.bfloat16
+    else:
+        assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+    result = train(config)
+    losses = [r["loss"] for r in result.metrics]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and all(math.isfinite(v) for v in losses)
+    saved = load_file(result.checkpoints[-1] / "model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    if finetune == "full":
+        exported = UNet2DConditionModel.from_pretrained(result.export)
+        assert exported.dtype == torch.float32
+        assert all(torch.equal(exported.state_dict()[k], saved[k]) for k in saved)
+    else:
+        assert all("lora_" in k for k in saved)
