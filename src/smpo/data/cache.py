@@ -182,13 +182,20 @@ class LatentCache:
         text_added = {n.split(".", 2)[2]: shard.get_slice(n)[c] for n in names if n.startswith("text.added.")}
         image_added = tuple({n.split(".", 2)[2]: shard.get_slice(n)[i] for n in names
                              if n.startswith(f"image{k}.added.")} for k in (0, 1))
-        labels = {col: self.manifest[col][row] for col in LABEL_COLUMNS if col in self.manifest}
         return CachedPair(
             pair_id=key, caption=self.manifest["caption"][row],
             latents=(shard.get_slice("image0.latents")[i], shard.get_slice("image1.latents")[i]),
             hidden_states=shard.get_slice("text.hidden_states")[c], text_added=text_added,
-            image_added=image_added, labels=labels,  # type: ignore[arg-type]
+            image_added=image_added, labels=self.labels(key),  # type: ignore[arg-type]
         )
+
+    def labels(self, pair_id: str | int) -> dict[str, Any]:
+        """The label columns of pair ``pair_id`` from the manifest (no tensor is read)."""
+        key = str(pair_id)
+        if key not in self._row_of:
+            raise KeyError(f"pair {key!r} is not in the cache {self.folder}")
+        row = self._row_of[key]
+        return {col: self.manifest[col][row] for col in LABEL_COLUMNS if col in self.manifest}
 
     def empty_conditioning(self) -> Conditioning:
         """The empty prompt's text conditioning (a batch of 1; SDXL ``time_ids`` of the square default)."""

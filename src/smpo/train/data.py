@@ -264,7 +264,7 @@ class CachedPairs:
 
     def pair_meta(self) -> list[dict[str, Any]]:
         """Every pair's label columns, in this source's order (the cache keeps no image uids)."""
-        return [{"pair_id": pid, **self.cache.get(pid).labels} for pid in self.pair_ids]
+        return [{"pair_id": pid, **self.cache.labels(pid)} for pid in self.pair_ids]
 
     def batch(self, indices: list[int], epoch: int) -> Any:
         from smpo.models.family import Conditioning
@@ -308,7 +308,6 @@ class KTOImages:
         if not 0.0 < desirable_share < 1.0:
             raise ValueError(f"kto_desirable_share must lie in (0, 1); got {desirable_share}")
         self.pairs, self.seed = pairs, seed
-        self.uncond = pairs.uncond
         first: dict[str, tuple[int, int]] = {}
         won: dict[str, bool] = {}
         self.winner_side: list[int] = []
@@ -346,11 +345,11 @@ class KTOImages:
         draws = self.draws(epoch)
         positions = [2 * slot + k for slot in indices for k in (0, 1)]
         picks = [self.images[draws[p]] for p in positions]
-        pair_indices = list(dict.fromkeys(i for i, _ in picks))
-        paired = self.pairs.batch(pair_indices, epoch)
+        row_of = {i: j for j, i in enumerate(dict.fromkeys(i for i, _ in picks))}  # pair index -> batch row
+        paired = self.pairs.batch(list(row_of), epoch)
         latents, conds = [], []
         for i, side in picks:
-            j = pair_indices.index(i)
+            j = row_of[i]
             is_winner = side == self.winner_side[i]
             latents.append(paired.latents_w[j] if is_winner else paired.latents_l[j])
             cond = paired.cond if is_winner or paired.cond_l is None else paired.cond_l

@@ -19,6 +19,7 @@ each process trains its share of every optimizer step's pairs (``smpo.train.data
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -160,10 +161,8 @@ def _train_step(step: int, family: Any, policy: Any, reference: Any, pairs: Any,
     grad_norm = None
     lr = scheduler.get_last_lr()[0]
     policy.train()
-    reduce_mean = None
-    if accelerator.num_processes > 1:
-        def reduce_mean(value: torch.Tensor) -> torch.Tensor:
-            return accelerator.reduce(value, reduction="mean")
+    # KTO's reference point is a mean over all processes' batches of a pass (compute_loss).
+    reduce_mean = functools.partial(accelerator.reduce, reduction="mean") if accelerator.num_processes > 1 else None
     for micro in range(passes):
         indices = layout.indices(config.run.seed, step, accelerator.process_index, micro)
         batch = pairs.batch(indices, epoch)
