@@ -22,7 +22,8 @@ Two ways to walk the grid (``land_on_t``):
   Its grid is ``k * T // num_steps + steps_offset - T // num_steps`` (``[-199, 1, 201, 401, 601]``
   for 5 steps); every grid point ``u < t`` is a step from ``u`` to ``u + T // num_steps`` with the
   noise estimated at ``(x, u)`` (the first call gets the negative timestep ``u = -199``, whose
-  level is the clean image). The latent ends at the smallest level ``>= t`` of
+  ``abar`` is diffusers 0.20's ``initial_alpha_cumprod``: 1 with ``set_alpha_to_one``, else
+  ``alphas_cumprod[0]``, as SD1.5's and SDXL's scheduler configs say; ``initial_abar``). The latent ends at the smallest level ``>= t`` of
   ``{1, 201, ..., 801}`` (``t > 801`` stays at 801), not at ``t``. (From diffusers 0.22 on, the
   same loop ends at the largest level below ``t`` instead.)
 """
@@ -39,10 +40,16 @@ EpsFn = Callable[..., Tensor]
 CLEAN = -1  # the level of the clean image, abar = 1
 
 
-def _abar(alphas_cumprod: Tensor, levels: Tensor) -> Tensor:
-    """``abar`` at integer levels; levels below 0 are the clean image (abar = 1)."""
+def _abar(alphas_cumprod: Tensor, levels: Tensor, below_zero: float = 1.0) -> Tensor:
+    """``abar`` at integer levels; levels below 0 take ``below_zero`` (1: the clean image)."""
     ac = alphas_cumprod.to(device=levels.device, dtype=torch.float64)
-    return torch.where(levels >= 0, ac[levels.clamp(min=0)], torch.ones_like(ac[0]))
+    return torch.where(levels >= 0, ac[levels.clamp(min=0)], torch.full_like(ac[0], below_zero))
+
+
+def initial_abar(alphas_cumprod: Tensor, set_alpha_to_one: bool) -> float:
+    """diffusers 0.20's ``DDIMInverseScheduler.initial_alpha_cumprod``: the ``abar`` of the authors'
+    grid's negative first level (1 with ``set_alpha_to_one``, else ``alphas_cumprod[0]``)."""
+    return 1.0 if set_alpha_to_one else float(alphas_cumprod[0])
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -107,7 +114,8 @@ def inversion_grid(num_steps: int, num_train_timesteps: int, *, land_on_t: bool 
 
 def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor, *, num_steps: int,
                    renoise_iters: int = 1, land_on_t: bool = True, return_trajectory: bool = False,
-                   steps_offset: int = 1) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+                   steps_offset: int = 1, initial_abar: float = 1.0
+                   ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """Invert DDIM from the clean ``x0`` up to level ``t`` (per sample), with ReNoise (Eq. 13-14).
 
     Args:
@@ -125,6 +133,11 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
             ascending order, the last being the returned point. A sample that has finished keeps
             repeating its last point while others go on. The clean start is not included.
         steps_offset: the scheduler's ``steps_offset`` (1 for SD1.5 and SDXL).
+        initial_abar: with ``land_on_t=False``, the ``abar`` the first step starts from at the
+            grid's negative level, as diffusers 0.20's ``DDIMInverseScheduler`` takes it: 1 when
+            the scheduler config says ``set_alpha_to_one``, else ``alphas_cumprod[0]`` (SD1.5's and
+            SDXL's configs; ``FamilyAdapter.initial_abar``). Ignored with ``land_on_t=True``, whose
+            clean image has ``abar = 1`` (Eq. 13).
 
     Returns:
         ``x_t`` (and the trajectory). Compute the target noise with `implied_noise`.
@@ -139,6 +152,7 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
         raise ValueError(f"t must lie in [0, {T}); got {t.tolist()}")
     grid = inversion_grid(num_steps, T, land_on_t=land_on_t, steps_offset=steps_offset).to(x0.device)
     ratio = T // num_steps
+    start_abar = 1.0 if land_on_t else float(initial_abar)
     with_index = _accepts_index(eps_fn)
 
     def predict(x: Tensor, levels: Tensor, rows: Tensor) -> Tensor:
@@ -154,7 +168,7 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
         """ReNoise step of the samples ``rows`` from level ``frm`` to level ``to``."""
         full = rows.numel() == x.shape[0]
         x_s = x if full else x[rows]
-        abar_s, abar_to = _abar(alphas_cumprod, frm), _abar(alphas_cumprod, to)
+        abar_s, abar_to = _abar(alphas_cumprod, frm, start_abar), _abar(alphas_cumprod, to)
         eps_sum = predict(x_s, eval_at, rows)
         x_new = ddim_step(x_s, eps_sum, abar_s, abar_to)
         for i in range(1, renoise_iters + 1):

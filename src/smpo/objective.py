@@ -222,7 +222,8 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
     eps_fn = family.eps_fn(inverter, cond, unc, cfg.inversion_guidance)
     with torch.no_grad():
         x_t = renoise_invert(eps_fn, x0, t, family.alphas_cumprod, num_steps=cfg.inversion_steps,
-                             renoise_iters=cfg.effective_renoise_iters, land_on_t=cfg.land_on_t)
+                             renoise_iters=cfg.effective_renoise_iters, land_on_t=cfg.land_on_t,
+                             initial_abar=family.initial_abar)
         eps_hat = implied_noise(x_t, x0, t, family.alphas_cumprod)
     return NoisedBatch(x_t.detach(), t, eps_hat.detach())
 

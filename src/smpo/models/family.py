@@ -176,8 +176,18 @@ class FamilyAdapter:
     prediction_type: str
     resolution: int
     source: str = ""
+    set_alpha_to_one: bool = True
+    """The sampling scheduler's ``set_alpha_to_one`` (False for SD1.5 and SDXL): what diffusers 0.20's
+    ``DDIMInverseScheduler`` takes as ``abar`` of the authors' grid's negative first level."""
     unet_evals: int = field(default=0, init=False)
     unet_calls: int = field(default=0, init=False)
+
+    @property
+    def initial_abar(self) -> float:
+        """diffusers 0.20's ``initial_alpha_cumprod``: 1, or ``abar[0]`` when ``set_alpha_to_one`` is False."""
+        from smpo.inversion import initial_abar
+
+        return initial_abar(self.alphas_cumprod, self.set_alpha_to_one)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -484,6 +494,7 @@ def make_adapter(family: str, *, unet: Any, vae: Any, text_encoders: list[Any], 
         unet=unet, vae=vae, text_encoders=list(text_encoders), tokenizers=list(tokenizers),
         alphas_cumprod=schedule.alphas_cumprod.float().clone(), prediction_type=schedule.config.prediction_type,
         resolution=sample_size * vae_factor, source=source,
+        set_alpha_to_one=bool(scheduler.config.get("set_alpha_to_one", True)),
     )
 
 
