@@ -72,3 +72,28 @@ def test_cache_batches_equal_image_batches(sdxl, labelled, tmp_path):
         open_pairs(config, sdxl)
     with pytest.raises(ValueError, match="made for a sdxl model, not sd15"):
         CachedPairs(tmp_path / "cache", type("F", (), {"name": "sd15"})(), max_pairs=None, **options)
+
+
+def test_target_size_conditioning_fixes_every_sdxl_time_id(sdxl, labelled, tmp_path):
+    """The authors' setting: every image's time ids are (R, R, 0, 0, R, R), from images and from the
+    cache, whatever its original size (the winners are 24 x 20 px, the losers 20 x 24)."""
+    from pathlib import Path
+
+    import yaml
+
+    from smpo.data.cache import build_cache
+
+    build_cache(labelled, tmp_path / "cache", sdxl, progress=False)
+    options = dict(seed=SEED, empty_prompt_rate=0.5, random_flip=True, labels="smoothed", size_conditioning="target")
+    from_images = ImagePairs(LabelledPairs(labelled), sdxl, resolution=16, **options).batch(list(range(8)), EPOCH)
+    from_cache = CachedPairs(tmp_path / "cache", sdxl, max_pairs=None, **options).batch(list(range(8)), EPOCH)
+    for batch in (from_images, from_cache):
+        for cond in (batch.cond, batch.cond_l or batch.cond):
+            assert cond.added["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 8
+        assert batch.cond_l is None  # winner and loser share the prompt's conditioning
+    # The default (each image's own size) differs for these images.
+    own = ImagePairs(LabelledPairs(labelled), sdxl, resolution=16, **{**options, "size_conditioning": "image"})
+    assert own.batch([0], EPOCH).cond.added["time_ids"][0, :2].tolist() == [20, 24]
+    # Every SDXL recipe uses the authors' setting.
+    for recipe in sorted((Path(__file__).parents[2] / "configs" / "sdxl").glob("*.yaml")):
+        assert yaml.safe_load(recipe.read_text())["data"]["size_conditioning"] == "target", recipe.name

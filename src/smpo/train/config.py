@@ -84,6 +84,11 @@ class DataConfig:
     """Flip both images of a pair horizontally with probability 1/2 (decided per pair from the seed)."""
     max_pairs: int | None = None
     """Use only the first N pairs of the dataset (in file order)."""
+    size_conditioning: Literal["image", "target"] = "image"
+    """SDXL micro-conditioning of training images: `image` (each image's real original size and crop,
+    as diffusers' SDXL fine-tuning scripts do) or `target` (the fixed (R, R, 0, 0, R, R) of the
+    training resolution R for every image, as the SmPO and Diffusion-DPO authors' scripts do, and as
+    sampling at R asks). SD1.5 ignores it."""
     kto_desirable_share: float = 0.5
     """KTO only: expected share of desirable images among those drawn (the authors' weighted
     sampler; 0.5 default, 0.8 in their example)."""

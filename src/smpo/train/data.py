@@ -171,9 +171,10 @@ class ImagePairs:
     """Batches from a labelled dataset: decode, resize, centre-crop, flip, then VAE and text encoders."""
 
     def __init__(self, labelled: LabelledPairs, family: Any, *, resolution: int, seed: int,
-                 empty_prompt_rate: float, random_flip: bool, labels: str):
+                 empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image"):
         self.labelled, self.family, self.resolution = labelled, family, resolution
         self.seed, self.empty_prompt_rate, self.random_flip, self.labels = seed, empty_prompt_rate, random_flip, labels
+        self.size_conditioning = size_conditioning
         self.uncond = family.encode_prompts([""])
 
     def __len__(self) -> int:
@@ -208,6 +209,9 @@ class ImagePairs:
             seeds.append(draws.noise_seed)
             p_wins.append(p_win)
         latents = self.family.encode_images(torch.stack(pixels).to(self.family.device))
+        if self.size_conditioning == "target":  # the authors' fixed (R, R, 0, 0, R, R) for every image
+            cond = self.family.encode_prompts(captions)
+            return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds)
         cond = self.family.encode_prompts(captions, original_sizes=sizes[0::2], crops_coords=crops[0::2])
         return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds,
                                sizes_l=sizes[1::2], crops_l=crops[1::2])
@@ -243,13 +247,13 @@ class CachedPairs:
     """
 
     def __init__(self, folder: str | Path, family: Any, *, max_pairs: int | None, seed: int,
-                 empty_prompt_rate: float, random_flip: bool, labels: str):
+                 empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image"):
         from smpo.data.cache import LatentCache
 
         self.cache = LatentCache(folder)
         if self.cache.family != family.name:
             raise ValueError(f"the cache {folder} was made for a {self.cache.family} model, not {family.name}")
-        self.family = family
+        self.family, self.size_conditioning = family, size_conditioning
         self.seed, self.empty_prompt_rate, self.random_flip, self.labels = seed, empty_prompt_rate, random_flip, labels
         ids = self.cache.pair_ids[:max_pairs]
         if labels == "binary" and "label_0" in self.cache.manifest:
@@ -284,6 +288,11 @@ class CachedPairs:
             p_wins.append(p_win)
         device = self.family.device
         cond_w, cond_l = Conditioning.cat(conds_w), Conditioning.cat(conds_l)
+        if self.size_conditioning == "target" and cond_w.added is not None:
+            # The authors' fixed (R, R, 0, 0, R, R) for every image, whatever the stored size and crop.
+            cond_w = self.family.image_conditioning(cond_w)
+            return make_pair_batch(self.family, torch.stack(latents_w).to(device), torch.stack(latents_l).to(device),
+                                   cond_w, drops, self.uncond, p_wins, seeds)
         return make_pair_batch(self.family, torch.stack(latents_w).to(device), torch.stack(latents_l).to(device),
                                cond_w, drops, self.uncond, p_wins, seeds,
                                cond_l=cond_l if cond_w.added is not None else None)
@@ -372,7 +381,7 @@ def open_pairs(config: Any, family: Any) -> Any:
 def _pair_source(config: Any, family: Any) -> Any:
     labels = config.objective.resolved().labels
     common = dict(seed=config.run.seed, empty_prompt_rate=config.data.empty_prompt_rate,
-                  random_flip=config.data.random_flip, labels=labels)
+                  random_flip=config.data.random_flip, labels=labels, size_conditioning=config.data.size_conditioning)
     if config.data.cache:
         cached = CachedPairs(config.data.cache, family, max_pairs=config.data.max_pairs, **common)
         wanted = config.data.resolution
