@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from smpo import __version__
 
@@ -22,7 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("smpo.evaluation.generate", "generate images for a prompt set with a fixed seed per prompt"),
     "evaluate": ("smpo.evaluation.evaluate", "score generated images with the reward models"),
     "compare": ("smpo.evaluation.compare", "win rates and a report comparing evaluated models"),
-    "world": ("smpo.world.cli", "the miniature world: pretrain its base model, sample its prompts"),
+    "world": ("smpo.world.cli", "the miniature world: pretrain its base model, make its pair set, list its prompts"),
+    "study": ("smpo.world.study", "the paper's ablation ladder and baselines over seeds in the miniature world"),
 }
 
 
@@ -50,11 +55,69 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module_name, text = COMMANDS[name]
+    debug = "--debug" in rest or os.environ.get("SMPO_DEBUG", "") not in ("", "0")
+    rest = [a for a in rest if a != "--debug"]
+    quiet_dependencies()
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"smpo {name}", description=text)
+    parser = argparse.ArgumentParser(prog=f"smpo {name}", description=text,
+                                     epilog="--debug (or SMPO_DEBUG=1) shows the traceback of an error.")
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    new_outputs = [p for p in _outputs(args) if not p.exists()]
+    try:
+        return int(module.run(args) or 0)
+    except EXPECTED_ERRORS as err:
+        for path in new_outputs:  # nothing half-written: an output this call created goes
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if debug:
+            raise
+        print(f"smpo {name}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *needles: str) -> None:
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(needle in record.getMessage() for needle in self.needles)
+
+
+def quiet_dependencies() -> None:
+    """No dependency output a user cannot act on, filtered narrowly: transformers' and diffusers'
+    per-file loading bars, and transformers' notice that CLIP/SigLIP image processors fall back to
+    PIL without torchvision (smpo avoids torchvision on purpose). Warnings that matter still show."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    library_logger = logging.getLogger("transformers")
+    for handler in library_logger.handlers or [library_logger]:
+        handler.addFilter(_DropMessages("requires torchvision (not installed); falling back"))
+
+
+def _outputs(args: argparse.Namespace) -> list[Path]:
+    """The output paths a command was given (``--output`` and its spellings)."""
+    found = []
+    for attr in ("output", "output_option", "output_dir", "run.output_dir", "out"):
+        value = vars(args).get(attr)
+        if isinstance(value, (str, Path)) and str(value):
+            found.append(Path(value))
+    return found
+
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, LookupError, ImportError)
+"""What a user's input can cause (missing or unreadable files, wrong values or columns, an output
+that exists): one line and exit status 2. Anything else is a bug and keeps its traceback."""
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (``KeyError`` quotes its key; an empty message names the type)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(text.split()) or type(err).__name__
+    return text
 
 
 if __name__ == "__main__":

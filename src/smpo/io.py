@@ -42,6 +42,21 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resu
     return out
 
 
+def looks_local(value: str | os.PathLike) -> bool:
+    """Whether a model name is meant as a local path (hub ids read ``namespace/name``)."""
+    text = str(value)
+    return text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") >= 2 or Path(text).exists()
+
+
+def check_model_source(value: str | os.PathLike, option: str) -> str:
+    """``value`` as a string; a local-looking path that does not exist raises ``FileNotFoundError``
+    naming ``option`` (so it is never handed to the hub client as a repo id)."""
+    text = str(value)
+    if looks_local(text) and not Path(text).expanduser().exists():
+        raise FileNotFoundError(f"{option} {text}: no such folder (a local path; hub ids read 'namespace/name')")
+    return text
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.

@@ -85,3 +85,15 @@ def test_summary_table_of_hand_made_scores():
     assert summary.loc["pickscore", "n"] == 4
     assert 20.0 <= summary.loc["pickscore", "median_low"] <= 21.5 <= summary.loc["pickscore", "median_high"] <= 30.0
     assert tuple(summary.loc["aesthetic", ["median_low", "median_high", "mean_low", "mean_high"]]) == (5.0,) * 4
+
+
+def test_t_interval_of_seeds_matches_the_textbook_formula():
+    from smpo.evaluation.stats import t_interval
+
+    # mean 3, sample std sqrt(2.5), n 5: half-width t_{0.975,4} * sqrt(2.5 / 5) = 2.776 * 0.70711
+    m, low, high = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3.0 and high - m == pytest.approx(2.776 * 0.7071068, rel=1e-6) and m - low == pytest.approx(high - m)
+    m, low, high = t_interval([0.1, 0.3])  # df 1: t = 12.706, std 0.14142, n 2
+    assert (low, high) == pytest.approx((0.2 - 12.706 * 0.1, 0.2 + 12.706 * 0.1))
+    m, low, high = t_interval([0.5])
+    assert m == 0.5 and np.isnan(low) and np.isnan(high)

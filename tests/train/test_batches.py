@@ -97,3 +97,42 @@ def test_target_size_conditioning_fixes_every_sdxl_time_id(sdxl, labelled, tmp_p
     # Every SDXL recipe uses the authors' setting.
     for recipe in sorted((Path(__file__).parents[2] / "configs" / "sdxl").glob("*.yaml")):
         assert yaml.safe_load(recipe.read_text())["data"]["size_conditioning"] == "target", recipe.name
+
+
+def test_authors_per_image_flips_and_posterior_samples(sdxl, labelled):
+    """flip_per_image: each image on its own draw; vae_sample: a posterior sample per image that does
+    not depend on the batch it lands in (the authors' `latent_dist.sample()`)."""
+    from smpo.train.data import pair_generator
+
+    source = LabelledPairs(labelled)
+    options = dict(resolution=16, seed=SEED, empty_prompt_rate=0.0, random_flip=True, labels="smoothed")
+    pairs = ImagePairs(source, sdxl, flip_per_image=True, **options)
+    rows = source.rows(list(range(8)))
+    draws = [pair_draws(SEED, r["pair_id"], EPOCH, empty_prompt_rate=0.0, random_flip=True, flip_per_image=True)
+             for r in rows]
+    assert any(d.image_flips[0] != d.image_flips[1] for d in draws)
+    batch = pairs.batch(list(range(8)), EPOCH)
+    for i, (row, d) in enumerate(zip(rows, draws)):
+        for side, latents in ((row["winner"], batch.latents_w), (1 - row["winner"], batch.latents_l)):
+            image = prepare_image(decode_image(row[f"jpg_{side}"]), 16, flip=d.image_flips[side])
+            torch.testing.assert_close(latents[i:i + 1], sdxl.encode_images(image.pixels[None]), atol=1e-5, rtol=1e-5)
+    sampled = ImagePairs(source, sdxl, flip_per_image=True, vae_sample=True, **options)
+    a, b = sampled.batch([3, 5], EPOCH), sampled.batch([5, 3], EPOCH)
+    torch.testing.assert_close(a.latents_w[0], b.latents_w[1])
+    assert not torch.allclose(a.latents_w[0], batch.latents_w[3])  # a sample, not the mean
+    row, d = rows[3], draws[3]
+    image = prepare_image(decode_image(row[f"jpg_{row['winner']}"]), 16, flip=d.image_flips[row["winner"]])
+    dist = sdxl.vae.encode(image.pixels[None].to(sdxl.vae.dtype)).latent_dist
+    eps = torch.randn(dist.mean.shape[1:], generator=pair_generator(SEED, row["pair_id"], EPOCH,
+                                                                       f"posterior-{row['winner']}"))
+    torch.testing.assert_close(a.latents_w[0], ((dist.mean[0] + dist.std[0] * eps) * sdxl.vae.config.scaling_factor).float())
+
+
+def test_posterior_samples_need_images(tmp_path):
+    from smpo.train import TrainConfig
+    from smpo.train.data import open_pairs
+
+    config = TrainConfig()
+    config.data.cache, config.data.vae_sample = str(tmp_path), True
+    with pytest.raises(ValueError, match="vae_sample needs the images"):
+        open_pairs(config, None)

@@ -61,6 +61,7 @@ def test_trackers_are_optional(tiny_pipelines, labelled, tmp_path, capsys):
                  "--output-dir", str(run), "--method", "sft", "--max-steps", "1", "--batch-size", "2",
                  "--gradient-accumulation-steps", "1", "--report-to", "tensorboard", "--no-progress"])
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        assert code == 1 and "pip install 'smpo[tracking]'" in capsys.readouterr().err
+        assert code == 2 and "pip install 'smpo[tracking]'" in capsys.readouterr().err
+        assert not run.exists()  # nothing half-written
     else:
         assert code == 0 and list((run / "logs").rglob("events.out.tfevents.*"))

@@ -174,7 +174,8 @@ def test_existing_output_is_refused(tiny_pipelines, labelled, tmp_path, capsys):
     (tmp_path / "run" / "x").write_text("")
     code = main(["train", "--pretrained", str(tiny_pipelines["sd15"]), "--dataset", str(labelled),
                  "--output-dir", str(tmp_path / "run"), "--no-progress"])
-    assert code == 1 and "--overwrite" in capsys.readouterr().err
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "run" / "x").is_file()  # an output that existed is kept
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])

@@ -1,6 +1,7 @@
 """`smpo demo --quick` end to end (the one slow test of the world: about a minute on 2 cores)."""
 
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -8,18 +9,18 @@ import pytest
 from PIL import Image
 
 from smpo.cli import main
-from smpo.io import OutputExistsError
-from smpo.world.demo import QUICK
+from smpo.world.demo import GRID_HEADER, QUICK
+from smpo.world.pairset import pair_set_path
 
 
-def test_demo_quick_writes_report_plot_and_grid(tmp_path):
+def test_demo_quick_writes_report_plot_and_grid(tmp_path, cli_error):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out), "--seed", "0"]) == 0
     report = json.loads((out / "report.json").read_text())
-    # Pairs: Pick-a-Pic schema from the base, labelled by the world reward model.
-    pairs = pd.read_parquet(out / "pairs" / "train-00000-of-00001.parquet")
-    assert len(pairs) == QUICK.pairs and set(pairs.label_0) <= {0.0, 0.5, 1.0}
-    assert report["labels"]["pairs"] == QUICK.pairs
+    # Pairs: the shipped Pick-a-Pic-schema set (renders and base samples), labelled by the world reward model.
+    pairs = pd.read_parquet(pair_set_path() / "train-00000-of-00001.parquet")
+    assert set(pairs.label_0) <= {0.0, 0.5, 1.0} and set(pairs.model_0) == {"render", "world-base"}
+    assert report["labels"]["pairs"] == len(pairs) == 2048 and not (out / "pairs").exists()
     labelled = json.loads((out / "labelled" / "labels.json").read_text())
     assert labelled["scorer"] == "world"
     # Both methods trained through smpo.train, checkpoints every eval_every steps.
@@ -30,19 +31,19 @@ def test_demo_quick_writes_report_plot_and_grid(tmp_path):
     # The report: medians of three models on the same held-out images, win rates both ways.
     assert set(report["median_reward"]) == {"SmPO", "Diffusion-DPO", "base"}
     base_scores = pd.read_parquet(out / "eval" / "base" / "evaluation" / "scores.parquet")
-    assert len(base_scores) == QUICK.eval_prompts
+    assert len(base_scores) == QUICK.eval_prompts * QUICK.images_per_prompt
     assert report["median_reward"]["base"] == pytest.approx(base_scores["world"].median())
     assert report["reward_vs_step"]["SmPO"]["0"] == pytest.approx(base_scores["world"].median())
     rates = pd.DataFrame(report["win_rates"])
     assert len(rates) == 3 and rates.win_rate.between(0, 1).all()
     text = (out / "report.md").read_text()
     assert "| SmPO |" in text and "win rate vs base" in text
+    assert "beside the multi-seed study" in text and report["learning_rates"].keys() == {"smpo", "dpo"}
     assert (out / "compare" / "table.md").is_file()
     # The plot and the grid are real images: grid rows base, SmPO, DPO of 8 images (32 px x3).
     assert Image.open(out / "reward_vs_step.png").size[0] > 300
-    assert Image.open(out / "grid.png").size == (110 + 8 * 96, 3 * 96)
-    with pytest.raises(OutputExistsError):
-        main(["demo", "--quick", "--output", str(out)])
+    assert Image.open(out / "grid.png").size == (110 + 8 * 96, GRID_HEADER + 3 * 96)  # prompts on top
+    assert "pass --overwrite" in cli_error(["demo", "--quick", "--output", str(out)])
     # A demo stopped during DPO's training resumes: the pairs, labels, base and SmPO are kept,
     # DPO continues from its step-2 checkpoint, and the report comes out the same.
     first = report
@@ -54,7 +55,7 @@ def test_demo_quick_writes_report_plot_and_grid(tmp_path):
         else:
             path.unlink()
     kept = [out / "eval" / "smpo-step-000004" / "images" / "00000_00.png", out / "runs" / "smpo" / "metrics.jsonl",
-            out / "pairs" / "train-00000-of-00001.parquet", out / "labelled" / "labels.json"]
+            out / "labelled" / "labels.json"]
     stamps = [path.stat().st_mtime_ns for path in kept]
     assert main(["demo", "--quick", "--output", str(out), "--seed", "0", "--resume"]) == 0
     again = json.loads((out / "report.json").read_text())
@@ -63,5 +64,5 @@ def test_demo_quick_writes_report_plot_and_grid(tmp_path):
     for name, curve in first["reward_vs_step"].items():
         assert again["reward_vs_step"][name] == pytest.approx(curve, abs=1e-3), name
     assert again["median_reward"] == pytest.approx(first["median_reward"], abs=1e-3)
-    with pytest.raises(ValueError, match="made with other settings .*seed: 0 -> 1"):
-        main(["demo", "--quick", "--output", str(out), "--seed", "1", "--resume"])
+    assert re.search("made with other settings .*seed: 0 -> 1",
+                     cli_error(["demo", "--quick", "--output", str(out), "--seed", "1", "--resume"]))

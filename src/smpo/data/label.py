@@ -43,7 +43,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from smpo.data.pairs import (
-    MissingColumnsError,
     PairSource,
     PreferencePair,
     ReadStats,
@@ -71,7 +70,7 @@ _PAIR_SCHEMA = pa.schema([
 ])
 
 
-class LabelError(RuntimeError):
+class LabelError(ValueError):
     """A labelling run cannot go on as asked (nothing to label, a changed score range, missing shards)."""
 
 
@@ -533,16 +532,14 @@ def _positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = label_pairs(
-            args.source, _output(args), scorer=args.scorer, scorer_path=args.scorer_path, split=args.split,
-            keep_ties=args.keep_ties, batch_size=args.batch_size, shard_size=args.shard_size,
-            score_min=args.score_min, score_max=args.score_max, limit=args.limit, device=args.device,
-            dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except (OutputExistsError, MissingColumnsError, FileNotFoundError, LabelError) as error:  # the user's to fix: no traceback
-        print(f"smpo label: error: {error}", file=sys.stderr)
-        return 2
+    # A mistake in the input (missing file or columns, bad rows, an existing output) ends in one
+    # line and exit status 2 (smpo.cli.main).
+    summary = label_pairs(
+        args.source, _output(args), scorer=args.scorer, scorer_path=args.scorer_path, split=args.split,
+        keep_ties=args.keep_ties, batch_size=args.batch_size, shard_size=args.shard_size,
+        score_min=args.score_min, score_max=args.score_max, limit=args.limit, device=args.device,
+        dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+    )
     from accelerate import PartialState
 
     if PartialState().is_main_process:

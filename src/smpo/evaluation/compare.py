@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,14 +252,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        files = compare(args.models, args.out, names=args.names, scorers=args.scorers,
-                        display_scale=parse_display_scale(args.display_scale), num_resamples=args.num_resamples,
-                        confidence=args.confidence, seed=args.seed, grid_prompts=args.grid_prompts,
-                        overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"smpo compare: error: {e}", file=sys.stderr)
-        return 2
+    files = compare(args.models, args.out, names=args.names, scorers=args.scorers,
+                    display_scale=parse_display_scale(args.display_scale), num_resamples=args.num_resamples,
+                    confidence=args.confidence, seed=args.seed, grid_prompts=args.grid_prompts,
+                    overwrite=args.overwrite)
     print(files["table_md"].read_text())
     print(f"report: {files['page']}")
     return 0

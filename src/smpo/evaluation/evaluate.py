@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -229,15 +228,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        table, summary = evaluate_folder(
-            args.folder, args.scorers, scorer_paths=parse_scorer_paths(args.scorer_path), out=args.out,
-            batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device, dtype=args.dtype,
-            num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed, overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"smpo evaluate: error: {e}", file=sys.stderr)
-        return 2
+    table, summary = evaluate_folder(
+        args.folder, args.scorers, scorer_paths=parse_scorer_paths(args.scorer_path), out=args.out,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device, dtype=args.dtype,
+        num_resamples=args.num_resamples, confidence=args.confidence, seed=args.seed, overwrite=args.overwrite,
+    )
     print(summary.to_string(index=False))
     print(f"{len(table)} images scored; tables in {args.out or Path(args.folder) / 'evaluation'}")
     return 0

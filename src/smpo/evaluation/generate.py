@@ -21,7 +21,6 @@ prompts whose index is ``k`` modulo ``n``.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,11 +353,7 @@ _FIELD_DOCS = _field_docs()
 
 def run(args: argparse.Namespace) -> int:
     config = GenerateConfig(**{k: v for k, v in vars(args).items() if k in GenerateConfig.__dataclass_fields__})
-    try:
-        out = generate(config)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"smpo generate: error: {e}", file=sys.stderr)
-        return 2
+    out = generate(config)
     print(f"images and manifest in {out}")
     return 0
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from smpo.models.family import diffusers_dtype_kwarg
+
 FAMILIES = ("sd15", "sdxl")
 # Paper Appendix D: CFG 7.5 for SD1.5 and 5 for SDXL.
 FAMILY_GUIDANCE_SCALE = {"sd15": 7.5, "sdxl": 5.0}
@@ -68,11 +70,16 @@ def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: 
     """The pipeline used by :func:`smpo.evaluation.generate.generate`, and its family."""
     import diffusers
 
+    from smpo.io import check_model_source
+
+    model = check_model_source(model, "--model")
+    unet = None if unet is None else check_model_source(unet, "--unet")
+    controlnet = None if controlnet is None else check_model_source(controlnet, "--controlnet")
     family = family or detect_family(model)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = diffusers_dtype_kwarg(dtype)
     if family == "sd15" and not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     trained = trained_output_kind(unet) if unet is not None else None
@@ -85,7 +92,7 @@ def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: 
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if controlnet is not None:
-        cn = diffusers.ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype)
+        cn = diffusers.ControlNetModel.from_pretrained(controlnet, **diffusers_dtype_kwarg(dtype))
         cn_cls = diffusers.StableDiffusionXLControlNetPipeline if family == "sdxl" else diffusers.StableDiffusionControlNetPipeline
         pipe = cn_cls.from_pipe(pipe, controlnet=cn)
     pipe.set_progress_bar_config(disable=True)
@@ -129,7 +136,7 @@ def load_trained_unet(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
     kind, location, subfolder = trained_output_kind(path)
     if kind != "unet":
         raise ValueError(f"{path} holds a LoRA, not a full UNet")
-    return UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, torch_dtype=dtype)
+    return UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, **diffusers_dtype_kwarg(dtype))
 
 
 def make_scheduler(name: str, config: Any):

@@ -45,6 +45,24 @@ def win_rate(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     return mean(win_outcomes(a, b))
 
 
+# Student's t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95% intervals).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """Mean and two-sided 95% Student-t interval of independent replicates (e.g. one value per
+    seed); the interval is ``(nan, nan)`` for fewer than two values."""
+    values = _as_array(values)
+    m = float(values.mean()) if values.size else float("nan")
+    if values.size < 2:
+        return m, float("nan"), float("nan")
+    df = values.size - 1
+    half = (_T975[df - 1] if df <= len(_T975) else 1.96) * float(values.std(ddof=1)) / np.sqrt(values.size)
+    return m, m - half, m + half
+
+
 def bootstrap_interval(values: Sequence[float] | np.ndarray, statistic: str | Statistic = "median", *,
                        groups: Sequence | np.ndarray | None = None, num_resamples: int = 1000,
                        confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:

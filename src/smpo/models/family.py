@@ -225,16 +225,21 @@ class FamilyAdapter:
 
     # ---- images
     @torch.no_grad()
-    def encode_images(self, pixels: Tensor, *, sample: bool = False,
-                      generator: torch.Generator | None = None) -> Tensor:
+    def encode_images(self, pixels: Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
+                      generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """VAE latents of ``pixels`` ``[B, 3, H, W]`` in [-1, 1], times the VAE scaling factor.
 
         The posterior mean by default (deterministic, what a cache stores); ``sample=True`` draws
-        from the posterior as the authors' script does (its std is tiny).
+        from the posterior as the authors' script does (its std is tiny), with ``generator``, or
+        with one CPU generator per image (``generators``: the draw does not depend on the batch).
         """
         vae = self.vae
         dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-        latents = dist.sample(generator) if sample else dist.mean
+        if sample and generators is not None:
+            eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
+            latents = dist.mean + dist.std * eps.to(device=dist.mean.device, dtype=dist.mean.dtype)
+        else:
+            latents = dist.sample(generator) if sample else dist.mean
         shift = getattr(vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
@@ -434,7 +439,11 @@ def load_family(model: str | os.PathLike, *, family: str = "auto", vae: str | os
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    model = str(model)
+    from smpo.io import check_model_source
+
+    model = check_model_source(model, "--model")
+    vae = None if vae is None else check_model_source(vae, "--vae")
+    unet = None if unet is None else check_model_source(unet, "--unet")
     index = _read_model_index(model, revision)
     name = detect_family(index) if family == "auto" else family
     if name not in FAMILIES:
@@ -450,7 +459,7 @@ def load_family(model: str | os.PathLike, *, family: str = "auto", vae: str | os
     elif unet is not None:
         unet_model = _load_unet(UNet2DConditionModel, str(unet), revision, variant, dtype)
     else:
-        unet_model = load(UNet2DConditionModel, model, "unet", torch_dtype=dtype)
+        unet_model = load(UNet2DConditionModel, model, "unet", **diffusers_dtype_kwarg(dtype))
     if unet_model is not None:
         unet_config = unet_model.config
     vae_repo, vae_sub = (str(vae), None) if vae is not None else (model, "vae")
@@ -458,7 +467,7 @@ def load_family(model: str | os.PathLike, *, family: str = "auto", vae: str | os
     # A VAE that asks for ``force_upcast`` (the original SDXL VAE overflows in fp16) stays float32.
     vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", False) else dtype
     vae_model = AutoencoderKL.from_pretrained(vae_repo, subfolder=vae_sub, revision=revision,
-                                              variant=None if vae is not None else variant, torch_dtype=vae_dtype)
+                                              variant=None if vae is not None else variant, **diffusers_dtype_kwarg(vae_dtype))
     text_dtype = _transformers_dtype_kwarg(dtype)
     if name == "sd15":
         tokenizers = [AutoTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision)]
@@ -503,13 +512,24 @@ def _load_unet(cls: Any, path: str, revision: str | None, variant: str | None, d
     local = Path(path)
     subfolder = "unet" if (local / "unet").is_dir() or (not local.exists() and not _hub_has_config(path, revision)) \
         else None
-    return cls.from_pretrained(path, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=dtype)
+    return cls.from_pretrained(path, subfolder=subfolder, revision=revision, variant=variant,
+                               **diffusers_dtype_kwarg(dtype))
 
 
 def _hub_has_config(repo: str, revision: str | None) -> bool:
     from huggingface_hub import file_exists
 
     return bool(file_exists(repo, "config.json", revision=revision))
+
+
+def diffusers_dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Recent diffusers name ``from_pretrained``'s argument ``dtype`` (``torch_dtype`` is deprecated
+    there with a FutureWarning); older releases only know ``torch_dtype``."""
+    try:
+        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
 
 
 def _transformers_dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from smpo.train.config import ConfigError, add_config_arguments, config_from_args
+from smpo.train.config import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,23 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from smpo.train.config import dump_config
 
-    try:
-        config = config_from_args(args)
-        if args.print_config:
-            print(dump_config(config), end="")
-            return 0
-        config.validate()
-        config.objective.resolved()
-    except (ConfigError, ValueError) as err:
-        print(f"smpo train: {err}", file=sys.stderr)
-        return 2
-    from smpo.io import OutputExistsError
+    # Config and input mistakes raise ValueError / OSError: one line and exit 2 (smpo.cli.main).
+    config = config_from_args(args)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    config.validate()
+    config.objective.resolved()
     from smpo.train.loop import NonFiniteLossError, train
 
     try:
         result = train(config)
-    except (NonFiniteLossError, OutputExistsError, ImportError) as err:
-        print(f"smpo train: {err}", file=sys.stderr)
+    except NonFiniteLossError as err:  # not the input's fault: the run diverged
+        print(f"smpo train: error: {err}", file=sys.stderr)
         return 1
     last = result.metrics[-1] if result.metrics else {}
     print(f"trained {result.step} steps; loss {last.get('loss', float('nan')):.4g}; "

@@ -84,6 +84,12 @@ class DataConfig:
     """Flip both images of a pair horizontally with probability 1/2 (decided per pair from the seed)."""
     max_pairs: int | None = None
     """Use only the first N pairs of the dataset (in file order)."""
+    flip_per_image: bool = False
+    """With random_flip: flip each image of a pair on its own draw (the authors' per-image transform)
+    instead of one flip for both (smpo's default: a pair's two images stay comparable)."""
+    vae_sample: bool = False
+    """Encode images with a posterior sample (the authors' `latent_dist.sample()`, seeded per image,
+    pair and epoch) instead of the posterior mean (smpo's default; what `smpo cache` stores)."""
     size_conditioning: Literal["image", "target"] = "image"
     """SDXL micro-conditioning of training images: `image` (each image's real original size and crop,
     as diffusers' SDXL fine-tuning scripts do) or `target` (the fixed (R, R, 0, 0, R, R) of the

@@ -137,14 +137,30 @@ class PairDraws:
     flip: bool
     drop_prompt: bool
     noise_seed: int  # seeds the pair's timestep and noise (``PairBatch.seeds``)
+    image_flips: tuple[bool, bool] | None = None  # per-image flips of images 0 and 1 (``flip_per_image``)
+
+    def flip_of(self, side: int) -> bool:
+        """Whether image ``side`` (0 or 1, in the dataset's order) is mirrored."""
+        return self.flip if self.image_flips is None else self.image_flips[side]
 
 
-def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float, random_flip: bool) -> PairDraws:
-    """The draws of pair ``pair_id`` (compared as a string, as the cache stores it) in ``epoch``."""
+def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float, random_flip: bool,
+               flip_per_image: bool = False) -> PairDraws:
+    """The draws of pair ``pair_id`` (compared as a string, as the cache stores it) in ``epoch``.
+
+    ``flip_per_image``: each image of the pair gets its own flip (the authors' per-image
+    transform) instead of one flip for both.
+    """
     pair_id = str(pair_id)
-    flip = random_flip and bool(torch.rand((), generator=pair_generator(seed, pair_id, epoch, "flip")) < 0.5)
+
+    def coin(stream: str) -> bool:
+        return bool(torch.rand((), generator=pair_generator(seed, pair_id, epoch, stream)) < 0.5)
+
+    flip = random_flip and coin("flip")
+    image_flips = (random_flip and coin("flip-0"), random_flip and coin("flip-1")) if flip_per_image else None
     drop = bool(torch.rand((), generator=pair_generator(seed, pair_id, epoch, "prompt")) < empty_prompt_rate)
-    return PairDraws(flip=flip, drop_prompt=drop, noise_seed=derive_seed(seed, pair_id, epoch, "noise"))
+    return PairDraws(flip=flip, drop_prompt=drop, noise_seed=derive_seed(seed, pair_id, epoch, "noise"),
+                     image_flips=image_flips)
 
 
 def winner_of(row: dict[str, Any], labels: str) -> tuple[int, float]:
@@ -171,10 +187,11 @@ class ImagePairs:
     """Batches from a labelled dataset: decode, resize, centre-crop, flip, then VAE and text encoders."""
 
     def __init__(self, labelled: LabelledPairs, family: Any, *, resolution: int, seed: int,
-                 empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image"):
+                 empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image",
+                 flip_per_image: bool = False, vae_sample: bool = False):
         self.labelled, self.family, self.resolution = labelled, family, resolution
         self.seed, self.empty_prompt_rate, self.random_flip, self.labels = seed, empty_prompt_rate, random_flip, labels
-        self.size_conditioning = size_conditioning
+        self.size_conditioning, self.flip_per_image, self.vae_sample = size_conditioning, flip_per_image, vae_sample
         self.uncond = family.encode_prompts([""])
 
     def __len__(self) -> int:
@@ -190,9 +207,10 @@ class ImagePairs:
 
         rows = self.labelled.rows(indices)
         pixels, sizes, crops, captions, drops, seeds, p_wins = [], [], [], [], [], [], []
+        generators = []  # per image, for posterior samples (vae_sample)
         for row in rows:
             draws = pair_draws(self.seed, row["pair_id"], epoch, empty_prompt_rate=self.empty_prompt_rate,
-                               random_flip=self.random_flip)
+                               random_flip=self.random_flip, flip_per_image=self.flip_per_image)
             winner, p_win = winner_of(row, self.labels)
             for side in (winner, 1 - winner):
                 try:
@@ -200,7 +218,8 @@ class ImagePairs:
                 except Exception as err:  # noqa: BLE001 - name the pair, whatever the decoder raised
                     raise ValueError(f"{self.labelled.folder}: pair {row['pair_id']!r}: jpg_{side} cannot be "
                                      f"decoded ({err})") from err
-                prepared = prepare_image(image, self.resolution, flip=draws.flip)
+                prepared = prepare_image(image, self.resolution, flip=draws.flip_of(side))
+                generators.append(pair_generator(self.seed, row["pair_id"], epoch, f"posterior-{side}"))
                 pixels.append(prepared.pixels)
                 sizes.append(prepared.original_size)
                 crops.append(prepared.crop_top_left)
@@ -208,7 +227,8 @@ class ImagePairs:
             drops.append(draws.drop_prompt)
             seeds.append(draws.noise_seed)
             p_wins.append(p_win)
-        latents = self.family.encode_images(torch.stack(pixels).to(self.family.device))
+        latents = self.family.encode_images(torch.stack(pixels).to(self.family.device), sample=self.vae_sample,
+                                            generators=generators if self.vae_sample else None)
         if self.size_conditioning == "target":  # the authors' fixed (R, R, 0, 0, R, R) for every image
             cond = self.family.encode_prompts(captions)
             return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds)
@@ -247,13 +267,14 @@ class CachedPairs:
     """
 
     def __init__(self, folder: str | Path, family: Any, *, max_pairs: int | None, seed: int,
-                 empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image"):
+                 empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image",
+                 flip_per_image: bool = False):
         from smpo.data.cache import LatentCache
 
         self.cache = LatentCache(folder)
         if self.cache.family != family.name:
             raise ValueError(f"the cache {folder} was made for a {self.cache.family} model, not {family.name}")
-        self.family, self.size_conditioning = family, size_conditioning
+        self.family, self.size_conditioning, self.flip_per_image = family, size_conditioning, flip_per_image
         self.seed, self.empty_prompt_rate, self.random_flip, self.labels = seed, empty_prompt_rate, random_flip, labels
         ids = self.cache.pair_ids[:max_pairs]
         if labels == "binary" and "label_0" in self.cache.manifest:
@@ -277,11 +298,11 @@ class CachedPairs:
         for i in indices:
             pair = self.cache.get(self.pair_ids[i])
             draws = pair_draws(self.seed, pair.pair_id, epoch, empty_prompt_rate=self.empty_prompt_rate,
-                               random_flip=self.random_flip)
+                               random_flip=self.random_flip, flip_per_image=self.flip_per_image)
             winner, p_win = winner_of({"pair_id": pair.pair_id, **pair.labels}, self.labels)
             for side, latents, conds in ((winner, latents_w, conds_w), (1 - winner, latents_l, conds_l)):
                 x0 = pair.latents[side].float()
-                latents.append(x0.flip(-1) if draws.flip else x0)
+                latents.append(x0.flip(-1) if draws.flip_of(side) else x0)
                 conds.append(pair.conditioning(side))
             drops.append(draws.drop_prompt)
             seeds.append(draws.noise_seed)
@@ -381,8 +402,12 @@ def open_pairs(config: Any, family: Any) -> Any:
 def _pair_source(config: Any, family: Any) -> Any:
     labels = config.objective.resolved().labels
     common = dict(seed=config.run.seed, empty_prompt_rate=config.data.empty_prompt_rate,
-                  random_flip=config.data.random_flip, labels=labels, size_conditioning=config.data.size_conditioning)
+                  random_flip=config.data.random_flip, labels=labels, size_conditioning=config.data.size_conditioning,
+                  flip_per_image=config.data.flip_per_image)
     if config.data.cache:
+        if config.data.vae_sample:
+            raise ValueError(f"data.vae_sample needs the images: the cache {config.data.cache} stores posterior "
+                             "means; train from --dataset instead")
         cached = CachedPairs(config.data.cache, family, max_pairs=config.data.max_pairs, **common)
         wanted = config.data.resolution
         if wanted is not None and wanted != cached.cache.resolution:
@@ -390,4 +415,5 @@ def _pair_source(config: Any, family: Any) -> Any:
                              f"not the {wanted} px asked for with --resolution")
         return cached
     labelled = LabelledPairs(config.data.dataset, max_pairs=config.data.max_pairs, drop_ties=labels == "binary")
-    return ImagePairs(labelled, family, resolution=config.data.resolution or family.resolution, **common)
+    return ImagePairs(labelled, family, resolution=config.data.resolution or family.resolution,
+                      vae_sample=config.data.vae_sample, **common)

@@ -155,6 +155,7 @@ def _train_step(step: int, family: Any, policy: Any, reference: Any, pairs: Any,
     from smpo.objective import compute_loss
 
     started = time.perf_counter()
+    evals_before = family.unet_evals
     passes = layout.accumulation
     epoch = layout.epoch_of(step)
     sums: dict[str, torch.Tensor] = {}
@@ -187,6 +188,7 @@ def _train_step(step: int, family: Any, policy: Any, reference: Any, pairs: Any,
             optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
     record = {"step": step + 1, "epoch": epoch, "lr": lr, "pairs_per_s": layout.global_batch / seconds,
+              "seconds": seconds, "unet_evals": float(family.unet_evals - evals_before),
               **{name: float(value) for name, value in means.items()}}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)

@@ -35,6 +35,7 @@ import numpy as np
 from smpo.io import atomic_path, prepare_output_dir, write_json
 from smpo.world.grammar import split
 from smpo.world.model import base_path
+from smpo.world.study import demo_rung, shipped_summary
 
 METHOD_NAMES = {"smpo": "SmPO", "dpo": "Diffusion-DPO", "kto": "Diffusion-KTO", "mapo": "MaPO", "sft": "SFT"}
 
@@ -43,12 +44,13 @@ METHOD_NAMES = {"smpo": "SmPO", "dpo": "Diffusion-DPO", "kto": "Diffusion-KTO", 
 class DemoConfig:
     """The demo's budget. The defaults fit 10 minutes on 2 CPU cores; ``QUICK`` fits 2."""
 
-    pairs: int = 256  # preference pairs sampled from the base (two images per train prompt)
-    train_steps: int = 60  # optimizer steps per method
+    pairs: int | None = None  # None: the shipped pair set (2048 pairs); N: make N pairs anew (--seed)
+    train_steps: int = 40  # optimizer steps per method
     batch_size: int = 8  # pairs per optimizer step
-    learning_rate: float = 3e-5  # the same for every method (not scaled by the batch)
+    learning_rate: float | None = None  # None: each method's rate tuned by the shipped study (not scaled by the batch)
     eval_every: int = 20  # evaluate the held-out reward every N steps (and at the end)
-    eval_prompts: int = 93  # held-out prompts used for evaluation (one image each; 93 = all, the least noisy median)
+    eval_prompts: int = 93  # held-out prompts used for evaluation (93 = all, the least noisy median)
+    images_per_prompt: int = 2  # held-out images per prompt (seeds shared by every model)
     sample_steps: int = 10  # DDIM steps for every sample (pairs and evaluation)
     guidance_scale: float = 3.0  # CFG for every sample
     raters: int = 20
@@ -57,7 +59,8 @@ class DemoConfig:
     seed: int = 0
 
 
-QUICK = DemoConfig(pairs=48, train_steps=4, batch_size=4, eval_every=2, eval_prompts=12, sample_steps=6)
+QUICK = DemoConfig(train_steps=4, batch_size=4, eval_every=2, eval_prompts=12, images_per_prompt=1, sample_steps=6)
+FALLBACK_LEARNING_RATE = 3e-5  # a method the shipped study did not tune
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,18 +76,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None, help="world pipeline folder (default: the shipped base)")
     parser.add_argument("--smpo-noising", choices=("renoise", "ddim-inversion", "forward"), default=None,
                         help="how SmPO finds x_t (default renoise, the paper's; the others are Table 3 ablations)")
-    for name, help_text in (("pairs", "preference pairs"), ("train-steps", "optimizer steps per method"),
+    for name, help_text in (("pairs", "make this many preference pairs anew (default: the shipped set of 2048)"), ("train-steps", "optimizer steps per method"),
                             ("batch-size", "pairs per step"), ("eval-every", "evaluate every N steps"),
-                            ("eval-prompts", "held-out prompts to evaluate")):
+                            ("eval-prompts", "held-out prompts to evaluate"),
+                            ("images-per-prompt", "held-out images per prompt")):
         parser.add_argument(f"--{name}", type=int, default=None, help=f"{help_text} (overrides the preset)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="learning rate (overrides the preset)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="one learning rate for every method (default: each method's rate tuned by the shipped study)")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     cfg = replace(QUICK if args.quick else DemoConfig(), seed=args.seed)
     if args.methods:
         cfg = replace(cfg, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
-    for name in ("pairs", "train_steps", "batch_size", "eval_every", "eval_prompts", "learning_rate", "smpo_noising"):
+    for name in ("pairs", "train_steps", "batch_size", "eval_every", "eval_prompts", "images_per_prompt",
+                 "learning_rate", "smpo_noising"):
         if getattr(args, name) is not None:
             cfg = replace(cfg, **{name: getattr(args, name)})
     unknown = sorted(set(cfg.methods) - set(METHOD_NAMES))
@@ -97,25 +103,18 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 # Stages
 
 
-def pair_prompts(count: int, seed: int) -> list[str]:
-    """``count`` train prompts in a seeded order (cycling through the train split if needed)."""
-    train = split("train")
-    order = np.random.default_rng(seed).permutation(len(train))
-    return [train[order[i % len(train)]] for i in range(count)]
-
-
 def make_pairs(base: Path, out: Path, cfg: DemoConfig) -> Path:
-    """Stage 1: sample two images per prompt with the base, let the raters label them (kept if
-    already written: the shard is written atomically)."""
-    from smpo.world.model import load_world_pipeline
-    from smpo.world.raters import PAIRS_FILE, build_pair_dataset
+    """Stage 1: the shipped pair set (``smpo.world.pairset``, read as a downloaded dataset), or
+    with ``cfg.pairs`` a new one of that many pairs (seeded by ``cfg.seed``; kept if already
+    written: the shard is written atomically)."""
+    from smpo.world.pairset import make_pair_set, pair_set_path
+    from smpo.world.raters import PAIRS_FILE
 
+    if cfg.pairs is None:
+        return pair_set_path()
     if (out / PAIRS_FILE).is_file():
         return out
-
-    pipe = load_world_pipeline(base)
-    return build_pair_dataset(pipe, out, pair_prompts(cfg.pairs, cfg.seed), seed=cfg.seed, raters=cfg.raters,
-                              num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
+    return make_pair_set(base, out, pairs=cfg.pairs, seed=cfg.seed, raters=cfg.raters, progress=False)
 
 
 def label(pairs: Path, out: Path) -> dict[str, Any]:
@@ -170,22 +169,30 @@ def checkpoint_unet(checkpoint: Path, base: Path, out: Path) -> Path:
     return out
 
 
-def generate_and_evaluate(base: Path, unet: Path | None, prompts: list[str], out: Path, cfg: DemoConfig,
-                          scorer: Any, name: str) -> float:
-    """Sample the held-out prompts (``smpo generate``'s API), score them (``smpo evaluate``'s API);
-    return the median reward."""
+def score_images(base: Path, unet: Path | None, prompts: list[str], out: Path, cfg: DemoConfig, scorer: Any,
+                 name: str, *, images_per_prompt: int = 1) -> list[float]:
+    """Sample the prompts (``smpo generate``'s API; image ``i`` of prompt ``p`` has the same seed for
+    every model), score them (``smpo evaluate``'s API); return the rewards in (prompt, image) order."""
     from smpo.evaluation.evaluate import evaluate_folder
     from smpo.evaluation.generate import generate_images
     from smpo.evaluation.pipelines import load_pipeline
 
     pipe, _ = load_pipeline(base, unet=unet)
     generate_images(pipe, prompts, out, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.sample_steps,
-                    seed=cfg.seed, seed_per_prompt=True, batch_size=32,
+                    images_per_prompt=images_per_prompt, seed=cfg.seed, seed_per_prompt=True, batch_size=32,
                     settings={"model": str(base), "unet": str(unet) if unet else None, "name": name},
                     progress=False)
     table, _ = evaluate_folder(out, ["world"], loaded={"world": scorer}, num_resamples=200, seed=cfg.seed,
                                progress=False)
-    return float(table["world"].median())
+    table = table.sort_values(["prompt_index", "image_index"])
+    return [float(v) for v in table["world"]]
+
+
+def generate_and_evaluate(base: Path, unet: Path | None, prompts: list[str], out: Path, cfg: DemoConfig,
+                          scorer: Any, name: str) -> float:
+    """Sample and score the held-out prompts; return the median reward."""
+    return float(np.median(score_images(base, unet, prompts, out, cfg, scorer, name,
+                                        images_per_prompt=cfg.images_per_prompt)))
 
 
 def train_and_track(method: str, base: Path, dataset: Path, out: Path, prompts: list[str], cfg: DemoConfig,
@@ -233,23 +240,33 @@ def plot_curves(path: Path, curves: dict[str, dict[int, float]], base_reward: fl
     plt.close(fig)
 
 
+GRID_HEADER = 64  # pixels above the images for each column's prompt
+
+
 def image_grid(path: Path, folders: dict[str, Path], columns: int = 8, scale: int = 3) -> None:
-    """One row per model (same prompts and seeds), labelled on the left."""
+    """One row per model (same prompts and seeds), labelled on the left; each column's prompt on top."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     from smpo.evaluation.manifest import read_manifest
 
-    rows = {name: sorted(read_manifest(folder), key=lambda r: r.prompt_index)[:columns]
+    rows = {name: sorted(read_manifest(folder), key=lambda r: (r.prompt_index, r.image_index))
             for name, folder in folders.items()}
+    rows = {name: [r for r in records if r.image_index == 0][:columns] for name, records in rows.items()}
     size = 32 * scale
     label_width = 110
-    grid = Image.new("RGB", (label_width + columns * size, len(rows) * size), "white")
+    grid = Image.new("RGB", (label_width + columns * size, GRID_HEADER + len(rows) * size), "white")
     draw = ImageDraw.Draw(grid)
+    for c, record in enumerate(next(iter(rows.values()))):
+        for k, line in enumerate(textwrap.wrap(record.prompt, 16)[:6]):
+            draw.text((label_width + c * size + 2, 2 + 10 * k), line, fill="black")
     for r, (name, records) in enumerate(rows.items()):
-        draw.text((4, r * size + size // 2 - 6), name, fill="black")
+        top = GRID_HEADER + r * size
+        draw.text((4, top + size // 2 - 6), name, fill="black")
         for c, record in enumerate(records):
             image = Image.open(folders[name] / record.file).convert("RGB").resize((size, size), Image.Resampling.NEAREST)
-            grid.paste(image, (label_width + c * size, r * size))
+            grid.paste(image, (label_width + c * size, top))
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
 
@@ -326,9 +343,12 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, base: str | 
     base_reward = generate_and_evaluate(base, None, prompts, base_eval, cfg, scorer, "base")
     lap("base evaluation")
     curves = {}
+    study = shipped_summary()
+    rates_used = {m: learning_rate_for(m, cfg, study) for m in cfg.methods}
     for method in cfg.methods:
         objective = {"noising": cfg.smpo_noising} if method == "smpo" else None
-        curves[method] = train_and_track(method, base, out / "labelled", out, prompts, cfg, scorer, objective,
+        curves[method] = train_and_track(method, base, out / "labelled", out, prompts,
+                                         replace(cfg, learning_rate=rates_used[method]), scorer, objective,
                                          resume=resume)
         lap(f"{method} training and evaluation")
 
@@ -347,29 +367,35 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, base: str | 
     timings["total"] = round(time.time() - start, 1)
 
     table = report_table(names, medians, means, rates)
+    context = study_context(cfg, study, medians, rates)
     data = {
         "config": asdict(cfg), "base": str(base), "held_out_prompts": len(prompts), "pairs": cfg.pairs,
         "labels": {k: labels[k] for k in ("pairs", "ties", "score_min", "score_max", "p_win_quantiles", "agreement")},
         "median_reward": medians, "mean_reward": means,
         "reward_vs_step": {METHOD_NAMES[m]: {"0": base_reward, **{str(s): r for s, r in c.items()}}
                            for m, c in curves.items()},
-        "win_rates": rates.to_dict(orient="records"), "seconds": timings,
+        "win_rates": rates.to_dict(orient="records"), "learning_rates": rates_used, "study": context,
+        "seconds": timings,
     }
     write_json(out / "report.json", data)
     text = "\n".join([
         "# smpo demo: the miniature world",
         "",
-        f"Base: `{base}`. {cfg.pairs} pairs sampled from the base on train prompts and rated by "
-        f"{cfg.raters} simulated raters; labelled by the world reward model "
-        f"({labels['pairs']} pairs, {labels['ties']} human ties). Each method trained {cfg.train_steps} steps of "
-        f"{cfg.batch_size} pairs at learning rate {cfg.learning_rate:g} (SmPO's x_t: {cfg.smpo_noising}). Evaluation: {len(prompts)} held-out "
-        f"prompts, one image each, {cfg.sample_steps} DDIM steps, CFG {cfg.guidance_scale:g}, seed {cfg.seed}.",
+        f"Base: `{base}`. Pairs: `{pairs}` ({labels['pairs']} pairs on train prompts, images from the renderer "
+        f"with graded defects and from the base, rated by simulated raters, {labels['ties']} ties), labelled by "
+        f"the world reward model. Each method trained {cfg.train_steps} steps of {cfg.batch_size} pairs at its "
+        "learning rate (" + ", ".join(f"{METHOD_NAMES[m]} {r:g}" for m, r in rates_used.items())
+        + ("; tuned on validation prompts by the shipped study" if cfg.learning_rate is None else "")
+        + f"; SmPO's x_t: {cfg.smpo_noising}). Evaluation: {len(prompts)} held-out prompts x {cfg.images_per_prompt} "
+        f"images, {cfg.sample_steps} DDIM steps, CFG {cfg.guidance_scale:g}, seed {cfg.seed}.",
         "",
         "World reward on the held-out prompts (win rate: share of prompts where the row's model's image "
         "scores higher, ties one half; 95% bootstrap interval over prompts):",
         "",
         table,
         "One seed is one draw: compare methods over several seeds (`--seed`) before concluding.",
+        "",
+        context["markdown"],
         "",
         "Held-out median reward by step: " + "; ".join(
             f"{METHOD_NAMES[m]}: " + ", ".join(f"{s}: {r:.4f}" for s, r in [(0, base_reward), *sorted(c.items())])
@@ -385,6 +411,53 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, base: str | 
         tmp.write_text(text)
     print(text)
     return data
+
+
+def learning_rate_for(method: str, cfg: DemoConfig, study: dict[str, Any] | None) -> float:
+    """``cfg.learning_rate`` if set, else the method's rate tuned by the shipped study (on
+    validation prompts), else ``FALLBACK_LEARNING_RATE``."""
+    if cfg.learning_rate is not None:
+        return float(cfg.learning_rate)
+    rung = demo_rung(method, cfg.smpo_noising)
+    if study and rung in study["chosen"]:
+        return float(study["chosen"][rung]["learning_rate"])
+    return FALLBACK_LEARNING_RATE
+
+
+def study_context(cfg: DemoConfig, study: dict[str, Any] | None, medians: dict[str, float], rates: Any
+                  ) -> dict[str, Any]:
+    """This run's lift and win rate against the base beside the shipped multi-seed study's."""
+    lines = ["## This seed beside the multi-seed study", ""]
+    if study is None:
+        lines.append("No study ships with this installation (`smpo study` makes one).")
+        return {"markdown": "\n".join(lines), "rows": []}
+    s = study["config"]
+    lines += [f"`{study['command']}` ({len(s['seeds'])} seeds, {s['train_steps']} steps of {s['batch_size']} pairs, "
+              f"{s['images_per_prompt']} images per held-out prompt; {study['wall_seconds'] / 3600:.1f} h on 2 CPU cores). "
+              "Held-out median reward lift over the base and win rate against it:", "",
+              "| method | this run: lift | this run: win rate | study (tuned): lift, mean [95% CI] | "
+              "study: win rate, mean [95% CI] |", "|---|---|---|---|---|"]
+    rows = []
+    for method in cfg.methods:
+        name, rung = METHOD_NAMES[method], demo_rung(method, cfg.smpo_noising)
+        match = rates[(rates.model_a == name) & (rates.model_b == "base")]
+        win = float(match.iloc[0].win_rate) if len(match) else float("nan")
+        row = next((r for r in study["rows"] if r["rung"] == rung and r["setting"] == "tuned"), None)
+        lift = medians[name] - medians["base"]
+        cells = ["-", "-"] if row is None else [_interval(row["lift_mean_ci"], sign=True),
+                                                _interval(row["win_rate_mean_ci"])]
+        lines.append(f"| {name} | {lift:+.3f} | {win:.2f} | {cells[0]} | {cells[1]} |")
+        rows.append({"method": method, "rung": rung, "lift": lift, "win_rate": win, "study": row and {
+            k: row[k] for k in ("lift_mean_ci", "win_rate_mean_ci", "learning_rate")}})
+    if cfg != replace(DemoConfig(), seed=cfg.seed, methods=cfg.methods):
+        lines += ["", "This run's settings differ from the study's defaults: the two are not directly comparable."]
+    return {"markdown": "\n".join(lines), "rows": rows}
+
+
+def _interval(triple: list[float], sign: bool = False) -> str:
+    f = "{:+.3f}" if sign else "{:.2f}"
+    m, lo, hi = triple
+    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
 
 
 def run(args: argparse.Namespace) -> int:

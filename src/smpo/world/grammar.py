@@ -95,11 +95,34 @@ def is_held_out(attributes: Attributes) -> bool:
     return int.from_bytes(digest[:4], "big") % HELD_OUT_SHARE == 0
 
 
-def split(name: Literal["train", "held_out", "all"] = "train") -> list[str]:
-    """The prompts of a split, in a fixed order."""
-    if name not in ("train", "held_out", "all"):
-        raise ValueError(f"unknown split {name!r}; choose from train, held_out, all")
-    prompts = [(to_prompt(a), is_held_out(a)) for a in all_attributes()]
+SPLITS: tuple[str, ...] = ("train", "pairs", "validation", "held_out", "all")
+VALIDATION_SHARE = 6  # one train combination in VALIDATION_SHARE is the validation split
+
+
+def is_validation(attributes: Attributes) -> bool:
+    """A train combination set aside to choose settings on (a second stable hash, never held out)."""
+    if is_held_out(attributes):
+        return False
+    digest = hashlib.sha256(("validation:" + to_prompt(attributes)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") % VALIDATION_SHARE == 0
+
+
+def split(name: Literal["train", "pairs", "validation", "held_out", "all"] = "train") -> list[str]:
+    """The prompts of a split, in a fixed order.
+
+    ``train``: every combination not held out (the base model was pretrained on these);
+    ``validation``: about a sixth of ``train``, for choosing settings (learning rates, budgets);
+    ``pairs``: ``train`` without ``validation``, the prompts of the preference pairs;
+    ``held_out``: a fifth of all combinations, seen by nothing but the final evaluation.
+    """
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; choose from {', '.join(SPLITS)}")
+    attributes = all_attributes()
     if name == "all":
-        return [p for p, _ in prompts]
-    return [p for p, held in prompts if held == (name == "held_out")]
+        return [to_prompt(a) for a in attributes]
+    if name == "held_out":
+        return [to_prompt(a) for a in attributes if is_held_out(a)]
+    train = [a for a in attributes if not is_held_out(a)]
+    if name == "train":
+        return [to_prompt(a) for a in train]
+    return [to_prompt(a) for a in train if is_validation(a) == (name == "validation")]

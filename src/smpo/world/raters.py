@@ -79,8 +79,14 @@ def sample_pairs(pipe, prompts: list[str], *, seed: int = 0, num_inference_steps
 
 
 def label_pairs(pairs: list[tuple[Image.Image, Image.Image]], prompts: list[str], raters: list[Rater], *,
-                scorer: WorldScorer | None = None, seed: int = 0) -> list[dict]:
-    """Pick-a-Pic-schema rows: one random rater labels each pair."""
+                scorer: WorldScorer | None = None, seed: int = 0,
+                models: list[tuple[str, str]] | None = None, uids: list[tuple[str, str]] | None = None,
+                examples_per_prompt: int = 1) -> list[dict]:
+    """Pick-a-Pic-schema rows: one random rater labels each pair.
+
+    ``models``: each pair's generators (``model_0`` / ``model_1``; default the base for both);
+    ``uids``: each pair's image uids (default ``"{pair:06d}-{side}"``).
+    """
     scorer = scorer or WorldScorer()
     flat = [im for pair in pairs for im in pair]
     parts = scorer.components(flat, [p for p in prompts for _ in (0, 1)])
@@ -91,11 +97,12 @@ def label_pairs(pairs: list[tuple[Image.Image, Image.Image]], prompts: list[str]
         rater = raters[int(rng.integers(len(raters)))]
         label_0 = rater.label(rater.utility(fidelity[2 * i], quality[2 * i]),
                               rater.utility(fidelity[2 * i + 1], quality[2 * i + 1]), rng)
-        uid_0, uid_1 = f"{i:06d}-0", f"{i:06d}-1"
+        uid_0, uid_1 = uids[i] if uids else (f"{i:06d}-0", f"{i:06d}-1")
+        model_0, model_1 = models[i] if models else ("world-base", "world-base")
         rows.append(dict(
-            ranking_id=i, user_id=rater.user_id, caption=prompt, num_example_per_prompt=1,
+            ranking_id=i, user_id=rater.user_id, caption=prompt, num_example_per_prompt=examples_per_prompt,
             jpg_0=png_bytes(image_0), jpg_1=png_bytes(image_1), label_0=label_0, label_1=1.0 - label_0,
-            image_0_uid=uid_0, image_1_uid=uid_1, model_0="world-base", model_1="world-base",
+            image_0_uid=uid_0, image_1_uid=uid_1, model_0=model_0, model_1=model_1,
             best_image_uid="" if label_0 == 0.5 else (uid_0 if label_0 == 1.0 else uid_1),
             has_label=True, are_different=True,
         ))

@@ -1,0 +1,78 @@
+"""`smpo study --quick`: the protocol (tune on validation, report on held-out over seeds), resumable."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smpo.cli import main
+from smpo.evaluation.stats import t_interval, win_rate
+from smpo.world.study import QUICK, RUNG_BY_KEY, RUNGS, Job
+
+
+def test_ladder_rungs_are_the_papers_settings():
+    from smpo.objective import ObjectiveConfig
+
+    resolved = {r.key: ObjectiveConfig(method=r.method, **r.objective).resolved() for r in RUNGS}
+    assert (resolved["dpo"].noising, resolved["dpo"].labels) == ("forward", "binary")
+    assert (resolved["inversion-t"].noising, resolved["inversion-t"].labels) == ("ddim-inversion", "binary")
+    assert (resolved["renoise-grid"].noising, resolved["renoise-grid"].land_on_t) == ("renoise", False)
+    assert (resolved["smpo-t"].noising, resolved["smpo-t"].labels, resolved["smpo-t"].land_on_t) == \
+        ("renoise", "smoothed", True)
+    assert resolved["smpo-forward"].noising == "forward" and resolved["smpo-forward"].labels == "smoothed"
+    assert {r.method for r in RUNGS} == {"dpo", "smpo", "kto", "mapo", "sft"}
+
+
+def test_study_quick_tunes_on_validation_reports_on_held_out_and_resumes(tmp_path, capsys, cli_error):
+    out = tmp_path / "study"
+    assert main(["study", "--quick", "--output", str(out), "--workers", "2"]) == 0
+    data = json.loads((out / "study.json").read_text())
+    results = {p.relative_to(out / "results").with_suffix("").as_posix(): json.loads(p.read_text())
+               for p in (out / "results").rglob("*.json")}
+    # Tuning used validation runs of the tuning seeds only; the choice is the best mean validation lift.
+    for rung, chosen in data["chosen"].items():
+        means = {float(lr): v["mean"] for lr, v in chosen["validation"].items()}
+        assert chosen["learning_rate"] == max(means, key=lambda lr: (means[lr], -lr))
+        for lr, v in chosen["validation"].items():
+            run = results[Job(rung, float(lr), QUICK.tune_seeds[0], "validation").name]
+            base = results[Job("base", 0.0, QUICK.tune_seeds[0], "validation").name]
+            final = run["scores"][max(run["scores"], key=int)]
+            assert v["lifts"][0] == pytest.approx(np.median(final) - np.median(base["scores"]["0"]))
+    assert not any(name.endswith("held_out") and f"seed{s}-" in name
+                   for name in results for s in QUICK.tune_seeds)
+    # Report rows: every rung at the paper's rate and at its tuned rate, over the report seeds.
+    assert [(r["rung"], r["setting"]) for r in data["rows"]] == [(k, s) for k in QUICK.rungs for s in ("paper", "tuned")]
+    for row in data["rows"]:
+        lifts, wins = [], []
+        for seed in QUICK.seeds:
+            run = results[Job(row["rung"], row["learning_rate"], seed, "held_out").name]
+            base = results[Job("base", 0.0, seed, "held_out").name]["scores"]["0"]
+            # The tuned rate's runs are evaluated at every checkpoint (eval_every steps), the others at the end.
+            curve = row["learning_rate"] == data["chosen"][row["rung"]]["learning_rate"]
+            assert sorted(map(int, run["scores"])) == ([1, 2] if curve else [2])
+            final = run["scores"]["2"]
+            assert len(final) == len(base) == QUICK.max_prompts * QUICK.images_per_prompt
+            lifts.append(np.median(final) - np.median(base))
+            wins.append(win_rate(final, base))
+            assert len(run["unet_evals"]) == QUICK.train_steps and min(run["unet_evals"]) > 0
+        assert row["lift"] == pytest.approx(lifts) and row["win_rate"] == pytest.approx(wins)
+        assert row["lift_mean_ci"] == pytest.approx(t_interval(lifts))
+    # SmPO's inversion costs UNet evaluations that DPO's forward noising does not.
+    evals = {r["rung"]: r["unet_evals_per_step"] for r in data["rows"]}
+    assert evals["smpo-t"] > evals["dpo"] > evals["sft"]
+    text = (out / "report.md").read_text()
+    assert RUNG_BY_KEY["smpo-t"].label in text and "win rate vs base" in text
+    assert Image.open(out / "study.png").size[0] > 1000
+    # Resume: a finished study runs nothing again; a lost result is the only run redone.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
+    lost = out / "results" / f"{Job('sft', QUICK.paper_lr, 1, 'held_out').name}.json"
+    lost.unlink()
+    capsys.readouterr()
+    assert main(["study", "--quick", "--output", str(out), "--workers", "1"]) == 0
+    assert "1 runs to do" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != lost) and lost.is_file()
+    again = json.loads((out / "study.json").read_text())
+    for old, new in zip(data["rows"], again["rows"]):
+        assert new["lift"] == pytest.approx(old["lift"], abs=1e-6), new["rung"]  # redone the same
+    assert "--rungs: unknown ['bogus']" in cli_error(["study", "--quick", "--output", str(out), "--rungs", "dpo,bogus"])
