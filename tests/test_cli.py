@@ -56,8 +56,8 @@ def test_every_command_takes_output(command, argv, dest):
 
 
 def test_train_takes_model_like_the_other_commands():
-    assert vars(_parse("train", ["--model", "runwayml/stable-diffusion-v1-5"]))["model.pretrained"] == \
-        "runwayml/stable-diffusion-v1-5"
+    assert vars(_parse("train", ["--model", "stable-diffusion-v1-5/stable-diffusion-v1-5"]))["model.pretrained"] == \
+        "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def test_label_output_as_argument_or_option(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Facts read from the scorers' reference code (docs/scorers.md, "Verified against"), one test per fact.
 
 Key names below are written out literally from the reference modules (BLIP's ``vit.py`` / ``med.py`` in
-THUDM/ImageReward, open_clip's ``transformer.py``), not taken from the transformers classes they are
+zai-org/ImageReward, open_clip's ``transformer.py``), not taken from the transformers classes they are
 mapped onto, so a renamed transformers parameter or a wrong mapping fails here.
 """
 

@@ -126,6 +126,7 @@ def test_exports_load_in_diffusers(family, tiny_pipelines, labelled, tmp_path):
     assert set(state) == set(trained)
     assert all(torch.equal(state[k], trained[k]) for k in state)
     assert max((state[k] - v).abs().max() for k, v in base.state_dict().items()) > 1e-4  # it trained
+    _check_model_card(result.export / "README.md", pipeline, "dpo", "unet", full)
 
     lora = _config(pipeline, labelled, tmp_path / "lora", **common)
     lora.model.finetune, lora.model.lora_rank, lora.model.lora_alpha = "lora", 4, 8.0
@@ -140,6 +141,21 @@ def test_exports_load_in_diffusers(family, tiny_pipelines, labelled, tmp_path):
     expected, got = _eval_unet(policy, family), _eval_unet(pipe.unet, family)
     assert (expected - _eval_unet(base, family)).abs().max() > 1e-4  # the adapters changed the network
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    _check_model_card(result.export / "README.md", pipeline, "smpo", "lora", lora)
+
+
+def _check_model_card(path, pipeline, method, kind, config):
+    """The hub convention: YAML metadata (base model, licence, tags), method, data, the full config."""
+    import yaml
+
+    text = path.read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["base_model"] == str(pipeline) and meta["library_name"] == "diffusers" and meta["license"]
+    assert method in meta["tags"] and kind in meta["tags"]
+    assert f"- method: `{method}`" in text and str(config.data.dataset) in text
+    training = yaml.safe_load(text.split("## Training config")[1].split("```yaml")[1].split("```")[0])
+    assert training["optim"]["max_steps"] == config.optim.max_steps and training["objective"]["method"] == method
+    assert "## Last training step" in text and "| loss |" in text and "## Licence" in text
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_pipelines, labelled, tmp_path,

@@ -39,7 +39,7 @@ from smpo.rewards.base import Scorer, read_state_dict, tokenizer_beside
 from smpo.rewards.heads import LinearStackHead
 from smpo.rewards.preprocess import clip_center_crop, stack
 
-IMAGEREWARD_REPO = "THUDM/ImageReward"
+IMAGEREWARD_REPO = "zai-org/ImageReward"
 IMAGEREWARD_FILE = "ImageReward.pt"
 BERT_TOKENIZER = "bert-base-uncased"
 REWARD_MEAN = 0.16717362830052426
@@ -242,7 +242,7 @@ def blip_tokenizer(source: str | os.PathLike = BERT_TOKENIZER):
 
 def load_imagereward(path: str | os.PathLike | None = None, *, device: torch.device, dtype: torch.dtype,
                      batch_size: int = 16) -> ImageRewardScorer:
-    """ImageReward v1.0: ``ImageReward.pt`` from the hub repo ``THUDM/ImageReward`` by default; a
+    """ImageReward v1.0: ``ImageReward.pt`` from the hub repo ``zai-org/ImageReward`` by default; a
     local ``.pt`` file in that layout (with the BERT tokenizer of the hub, or one saved beside the
     file), or a local folder (module doc)."""
     if path is None:

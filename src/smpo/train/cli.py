@@ -13,7 +13,7 @@ from smpo.train.config import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Example: smpo train --config configs/sd15/smpo.yaml --pretrained runwayml/stable-diffusion-v1-5 "
+    parser.epilog = ("Example: smpo train --config configs/sd15/smpo.yaml --pretrained stable-diffusion-v1-5/stable-diffusion-v1-5 "
                      "--dataset labelled/ --output-dir runs/smpo. Several GPUs: accelerate launch -m smpo.cli train ...")
     add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true",

@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     pretrained: str = ""
-    """Base model: a diffusers pipeline folder or a hub id (e.g. runwayml/stable-diffusion-v1-5)."""
+    """Base model: a diffusers pipeline folder or a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)."""
     family: Literal["auto", "sd15", "sdxl"] = "auto"
     """Model family; `auto` reads it from the pipeline folder."""
     vae: str | None = None

@@ -135,7 +135,8 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None) -> TrainR
             bar.close()
     accelerator.wait_for_everyone()
     result.checkpoints = list_checkpoints(run_dir)
-    result.export = export(accelerator, policy, run_dir, config, family.name)
+    result.export = export(accelerator, policy, run_dir, config, family.name, step=result.step,
+                           metrics=result.metrics[-1] if result.metrics else None)
     accelerator.end_training()
     return result
 
@@ -384,7 +385,8 @@ def warmup_factor(warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def export(accelerator: Any, policy: Any, run_dir: Path, config: TrainConfig, family: str) -> Path:
+def export(accelerator: Any, policy: Any, run_dir: Path, config: TrainConfig, family: str, *, step: int = 0,
+           metrics: dict[str, float] | None = None) -> Path:
     """Write the final weights and return their folder.
 
     Every process calls this: under FSDP or DeepSpeed ZeRO-3 the weights are gathered from the
@@ -399,6 +401,10 @@ def export(accelerator: Any, policy: Any, run_dir: Path, config: TrainConfig, fa
         else:
             export_full(unet, folder, state)
         (run_dir / "final" / CONFIG_FILE).write_text(dump_config(config))
+        from smpo.train.card import model_card
+
+        (folder / "README.md").write_text(model_card(config, family, kind=config.model.finetune.replace("full", "unet"),
+                                                     steps=step, metrics=metrics))
     accelerator.wait_for_everyone()
     return folder
 

@@ -212,7 +212,10 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
 
 
 def _run_job_args(args: tuple[Job, StudyConfig, Path, Path, Path]) -> tuple[str, dict[str, Any]]:
+    from smpo.cli import quiet_dependencies
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    quiet_dependencies()
     job = args[0]
     return job.name, run_job(*args)
 
@@ -421,10 +424,12 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
 
     progress("smpo study: held-out runs (paper defaults and tuned rates)")
     report = [Job("base", 0.0, s, "held_out") for s in cfg.seeds]
-    for r in cfg.rungs:  # the rungs in order (Diffusion-DPO first), the tuned rate before the paper's
-        tuned = chosen[r]["learning_rate"]
-        report += [Job(r, tuned, s, "held_out", curve=True) for s in cfg.seeds]
-        if cfg.paper_lr != tuned:
+    # Every rung at its tuned rate first (in ladder order, Diffusion-DPO first), then the paper's
+    # rate where it differs: a study stopped early has the tuned rows complete.
+    for r in cfg.rungs:
+        report += [Job(r, chosen[r]["learning_rate"], s, "held_out", curve=True) for s in cfg.seeds]
+    for r in cfg.rungs:
+        if cfg.paper_lr != chosen[r]["learning_rate"]:
             report += [Job(r, cfg.paper_lr, s, "held_out") for s in cfg.seeds]
     results.update(run_jobs(report, cfg, root, base, dataset, workers=workers, progress=progress))
     rows = summarise(cfg, results, chosen)

@@ -1,0 +1,64 @@
+"""The model card written beside exported weights (the model hub's README.md convention), so an
+export folder can be uploaded as it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+METHOD_NAMES = {"smpo": "SmPO-Diffusion (smoothed preference optimisation with ReNoise inversion)",
+                "dpo": "Diffusion-DPO", "kto": "Diffusion-KTO", "mapo": "MaPO", "sft": "supervised fine-tuning (SFT)"}
+PAPERS = {"smpo": "https://arxiv.org/abs/2506.02698", "dpo": "https://arxiv.org/abs/2311.12908",
+          "kto": "https://arxiv.org/abs/2404.04465", "mapo": "https://arxiv.org/abs/2406.06424"}
+
+
+def model_card(config: Any, family: str, *, kind: str, steps: int, metrics: dict[str, float] | None = None,
+               evaluation: dict[str, Any] | None = None) -> str:
+    """README.md text: YAML metadata (base model, licence, tags), then method, data, the full
+    training config, the last training metrics and the evaluation figures if there are any.
+
+    ``kind``: ``unet`` (full weights: ``UNet2DConditionModel.from_pretrained``) or ``lora``
+    (``pipeline.load_lora_weights``).
+    """
+    objective = config.objective.resolved()
+    base = config.model.pretrained
+    meta = {
+        "base_model": base, "library_name": "diffusers", "license": "other",
+        "license_name": "same-as-base-model",
+        "tags": ["text-to-image", "diffusers", "smpo", objective.method, family, kind],
+    }
+    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    if kind == "lora":
+        usage = (f"pipe = {pipeline}.from_pretrained(\"{base}\")\n"
+                 "pipe.load_lora_weights(\"THIS_FOLDER_OR_REPO\")")
+    else:
+        usage = (f"unet = UNet2DConditionModel.from_pretrained(\"THIS_FOLDER_OR_REPO\")\n"
+                 f"pipe = {pipeline}.from_pretrained(\"{base}\", unet=unet)")
+    data = config.data.cache or config.data.dataset
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        f"# {METHOD_NAMES.get(objective.method, objective.method)} fine-tune of `{base}`", "",
+        f"{'LoRA adapters' if kind == 'lora' else 'Full UNet weights'} trained with "
+        f"smpo `smpo train` ({steps} optimizer steps).", "",
+        "## Method", "",
+        f"- method: `{objective.method}` ({METHOD_NAMES.get(objective.method, '')}"
+        + (f", {PAPERS[objective.method]}" if objective.method in PAPERS else "") + ")",
+        f"- noising: `{objective.noising}`, labels: `{objective.labels}`, beta: {objective.beta:g}"
+        + (f", gamma: {objective.gamma:g}" if objective.method == "smpo" else ""),
+        "", "## Data", "", f"- `{data}` (`{'smpo cache' if config.data.cache else 'smpo label'}` output)", "",
+        "## Use", "", "```python", f"from diffusers import {pipeline}, UNet2DConditionModel", "", usage, "```", "",
+        "## Training config", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).strip(), "```", "",
+    ]
+    if metrics:
+        lines += ["## Last training step", "", "| metric | value |", "|---|---|",
+                  *(f"| {k} | {v:.6g} |" for k, v in metrics.items() if isinstance(v, (int, float))), ""]
+    if evaluation:
+        lines += ["## Evaluation", "", "| metric | value |", "|---|---|",
+                  *(f"| {k} | {v} |" for k, v in evaluation.items()), ""]
+    else:
+        lines += ["## Evaluation", "", "Not evaluated at export; `smpo generate` + `smpo evaluate` + "
+                  "`smpo compare` measure it against the base model.", ""]
+    lines += ["## Licence", "", f"The weights inherit the licence of the base model `{base}`; read its "
+              "model card before use or redistribution.", ""]
+    return "\n".join(lines)
