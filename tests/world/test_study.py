@@ -68,6 +68,12 @@ def test_study_quick_tunes_on_validation_reports_on_held_out_and_resumes(tmp_pat
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
     lost = out / "results" / f"{Job('sft', QUICK.paper_lr, 1, 'held_out').name}.json"
     lost.unlink()
+    # --report-only runs nothing and reports what has finished: that row now holds one seed.
+    assert main(["study", "--quick", "--output", str(out), "--report-only"]) == 0
+    assert not lost.exists()
+    partial = json.loads((out / "study.json").read_text())
+    row = next(r for r in partial["rows"] if r["rung"] == "sft" and r["learning_rate"] == QUICK.paper_lr)
+    assert row["seeds"] == [0] and np.isnan(row["lift_mean_ci"][1])
     capsys.readouterr()
     assert main(["study", "--quick", "--output", str(out), "--workers", "1"]) == 0
     assert "1 runs to do" in capsys.readouterr().out

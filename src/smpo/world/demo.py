@@ -114,10 +114,10 @@ def make_pairs(base: Path, out: Path, cfg: DemoConfig) -> Path:
         return pair_set_path()
     if (out / PAIRS_FILE).is_file():
         return out
-    return make_pair_set(base, out, pairs=cfg.pairs, seed=cfg.seed, raters=cfg.raters, progress=False)
+    return make_pair_set(base, out, pairs=cfg.pairs, seed=cfg.seed, raters=cfg.raters, progress=True)
 
 
-def label(pairs: Path, out: Path) -> dict[str, Any]:
+def label(pairs: Path, out: Path, *, progress: bool = False) -> dict[str, Any]:
     """Stage 2: ``smpo label`` with the world reward model (human ties kept: SmPO uses every pair);
     an unfinished labelling resumes, a finished one is read back."""
     from smpo.data.label import LABELS_FILE, LabelSummary, label_pairs
@@ -126,12 +126,12 @@ def label(pairs: Path, out: Path) -> dict[str, Any]:
     if (out / LABELS_FILE).is_file():
         return asdict(LabelSummary.from_dict(read_json(out / LABELS_FILE)))
 
-    summary = label_pairs(pairs, out, scorer="world", keep_ties=True, progress=False)
+    summary = label_pairs(pairs, out, scorer="world", keep_ties=True, progress=progress)
     return asdict(summary)
 
 
 def train_config(method: str, base: Path, dataset: Path, run_dir: Path, cfg: DemoConfig,
-                 objective: dict[str, Any] | None = None, resume: bool = False):
+                 objective: dict[str, Any] | None = None, resume: bool = False, progress: bool = False):
     """The ``smpo train`` config of one method: the paper's objective settings (method defaults:
     beta, gamma 10, ReNoise with a 5-step grid for SmPO), the demo's budget."""
     from smpo.objective import ObjectiveConfig
@@ -146,7 +146,7 @@ def train_config(method: str, base: Path, dataset: Path, run_dir: Path, cfg: Dem
                           batch_size=cfg.batch_size, gradient_accumulation_steps=1, max_steps=cfg.train_steps),
         run=RunConfig(output_dir=str(run_dir), seed=cfg.seed, mixed_precision="no", checkpoint_every=cfg.eval_every,
                       resume=resume,
-                      keep_checkpoints=cfg.train_steps // max(cfg.eval_every, 1) + 1, progress=False),
+                      keep_checkpoints=cfg.train_steps // max(cfg.eval_every, 1) + 1, progress=progress),
     ).validate()
 
 
@@ -170,7 +170,7 @@ def checkpoint_unet(checkpoint: Path, base: Path, out: Path) -> Path:
 
 
 def score_images(base: Path, unet: Path | None, prompts: list[str], out: Path, cfg: DemoConfig, scorer: Any,
-                 name: str, *, images_per_prompt: int = 1) -> list[float]:
+                 name: str, *, images_per_prompt: int = 1, progress: bool = False) -> list[float]:
     """Sample the prompts (``smpo generate``'s API; image ``i`` of prompt ``p`` has the same seed for
     every model), score them (``smpo evaluate``'s API); return the rewards in (prompt, image) order."""
     from smpo.evaluation.evaluate import evaluate_folder
@@ -181,7 +181,7 @@ def score_images(base: Path, unet: Path | None, prompts: list[str], out: Path, c
     generate_images(pipe, prompts, out, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.sample_steps,
                     images_per_prompt=images_per_prompt, seed=cfg.seed, seed_per_prompt=True, batch_size=32,
                     settings={"model": str(base), "unet": str(unet) if unet else None, "name": name},
-                    progress=False)
+                    progress=progress)
     table, _ = evaluate_folder(out, ["world"], loaded={"world": scorer}, num_resamples=200, seed=cfg.seed,
                                progress=False)
     table = table.sort_values(["prompt_index", "image_index"])
@@ -190,9 +190,9 @@ def score_images(base: Path, unet: Path | None, prompts: list[str], out: Path, c
 
 def generate_and_evaluate(base: Path, unet: Path | None, prompts: list[str], out: Path, cfg: DemoConfig,
                           scorer: Any, name: str) -> float:
-    """Sample and score the held-out prompts; return the median reward."""
+    """Sample and score the held-out prompts (with a progress bar); return the median reward."""
     return float(np.median(score_images(base, unet, prompts, out, cfg, scorer, name,
-                                        images_per_prompt=cfg.images_per_prompt)))
+                                        images_per_prompt=cfg.images_per_prompt, progress=True)))
 
 
 def train_and_track(method: str, base: Path, dataset: Path, out: Path, prompts: list[str], cfg: DemoConfig,
@@ -204,7 +204,7 @@ def train_and_track(method: str, base: Path, dataset: Path, out: Path, prompts: 
 
     run_dir = out / "runs" / method
     if not (resume and (run_dir / "final").is_dir()):  # the export is written last, atomically
-        train(train_config(method, base, dataset, run_dir, cfg, objective, resume=resume))
+        train(train_config(method, base, dataset, run_dir, cfg, objective, resume=resume, progress=True))
     curve = {}
     for checkpoint in list_checkpoints(run_dir):
         step = int(checkpoint.name.split("-")[-1])
@@ -337,7 +337,7 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, base: str | 
 
     pairs = make_pairs(base, out / "pairs", cfg)
     lap("pairs")
-    labels = label(pairs, out / "labelled")
+    labels = label(pairs, out / "labelled", progress=True)
     lap("labels")
     base_eval = out / "eval" / "base"
     base_reward = generate_and_evaluate(base, None, prompts, base_eval, cfg, scorer, "base")

@@ -220,11 +220,15 @@ def _run_job_args(args: tuple[Job, StudyConfig, Path, Path, Path]) -> tuple[str,
     return job.name, run_job(*args)
 
 
+def _finished(jobs: list[Job], root: Path) -> dict[str, dict[str, Any]]:
+    return {j.name: read_json(root / "results" / f"{j.name}.json") for j in jobs
+            if (root / "results" / f"{j.name}.json").is_file()}
+
+
 def run_jobs(jobs: list[Job], cfg: StudyConfig, root: Path, base: Path, dataset: Path, *, workers: int,
              progress: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run the jobs that have no result yet (in ``workers`` processes); return every job's result."""
-    done = {j.name: read_json(root / "results" / f"{j.name}.json") for j in jobs
-            if (root / "results" / f"{j.name}.json").is_file()}
+    done = _finished(jobs, root)
     todo = [j for j in jobs if j.name not in done]
     if todo:
         progress(f"{len(todo)} runs to do ({len(done)} already done)")
@@ -289,10 +293,14 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
     for rung in cfg.rungs:
         settings = [("paper", cfg.paper_lr), ("tuned", chosen[rung]["learning_rate"])]
         for setting, lr in settings:
-            lifts, wins, curves, evals, seconds = [], [], [], [], []
+            lifts, wins, curves, evals, seconds, seeds = [], [], [], [], [], []
             for seed in cfg.seeds:
-                run = results[Job(rung, lr, seed, "held_out").name]
-                base = results[Job("base", 0.0, seed, "held_out").name]["scores"]["0"]
+                run = results.get(Job(rung, lr, seed, "held_out").name)
+                base_run = results.get(Job("base", 0.0, seed, "held_out").name)
+                if run is None or base_run is None:  # not finished (a study reported early)
+                    continue
+                seeds.append(seed)
+                base = base_run["scores"]["0"]
                 final = run["scores"][max(run["scores"], key=int)]
                 lift, win = lift_and_win(final, base)
                 lifts.append(lift)
@@ -300,10 +308,12 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
                 curves.append({int(s): lift_and_win(v, base)[0] for s, v in run["scores"].items()})
                 evals.append(float(np.mean(run["unet_evals"])))
                 seconds.append(float(np.median(run["step_seconds"])))
-            steps = sorted(curves[0])
+            if not seeds:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
             rows.append({
                 "rung": rung, "label": RUNG_BY_KEY[rung].label, "setting": setting, "learning_rate": lr,
-                "lift": lifts, "win_rate": wins,
+                "seeds": seeds, "lift": lifts, "win_rate": wins,
                 "lift_mean_ci": t_interval(lifts), "win_rate_mean_ci": t_interval(wins),
                 "curve": {s: t_interval([c[s] for c in curves]) for s in steps},
                 "unet_evals_per_step": float(np.mean(evals)), "seconds_per_step": float(np.median(seconds)),
@@ -320,11 +330,12 @@ def _fmt(triple: tuple[float, float, float] | list[float], digits: int = 3, sign
 
 
 def table_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
-    lines = ["| rung | setting | learning rate | held-out median lift over base | win rate vs base | "
+    lines = ["| rung | setting | learning rate | seeds | held-out median lift over base | win rate vs base | "
              "UNet evals / step | s / step (1 thread) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['setting']} | {r['learning_rate']:g} | {_fmt(r['lift_mean_ci'])} | "
+        lines.append(f"| {r['label']} | {r['setting']} | {r['learning_rate']:g} | {len(r['seeds'])} | "
+                     f"{_fmt(r['lift_mean_ci'])} | "
                      f"{_fmt(r['win_rate_mean_ci'], 2, sign=False)} | {r['unet_evals_per_step']:.0f} | "
                      f"{r['seconds_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -340,14 +351,14 @@ def tuning_markdown(cfg: StudyConfig, chosen: dict[str, dict[str, Any]]) -> str:
 
 
 def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None:
-    """Left: final lift per rung with 95% intervals (paper defaults and tuned). Right two: the
-    tuned rows' lift against training step and against UNet evaluations."""
+    """Left: final lift per rung with 95% intervals (paper defaults and tuned). Then the tuned rows'
+    lift against training step, against UNet evaluations and against training seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.5))
     labels = list(dict.fromkeys(r["label"] for r in rows))
     y = np.arange(len(labels))
     for offset, setting, colour in ((-0.18, "paper", "tab:grey"), (0.18, "tuned", "tab:blue")):
@@ -369,12 +380,14 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
         lifts = [0.0, *(r["curve"][s][0] for s in sorted(r["curve"]))]
         axes[1].plot(steps, lifts, marker="o", label=r["label"])
         axes[2].plot([s * r["unet_evals_per_step"] for s in steps], lifts, marker="o", label=r["label"])
+        axes[3].plot([s * r["seconds_per_step"] for s in steps], lifts, marker="o", label=r["label"])
     axes[1].set_xlabel("training step")
     axes[2].set_xlabel(f"UNet sample-evaluations in training (forward passes; {cfg.batch_size} pairs a step)")
+    axes[3].set_xlabel("training seconds (one CPU thread, median step time)")
     for ax in axes[1:]:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel("held-out median lift (tuned, mean over seeds)")
-    axes[2].legend(fontsize=7)
+    axes[3].legend(fontsize=7)
     fig.suptitle(f"Miniature world: Table 3 ladder and baselines ({len(cfg.seeds)} seeds)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -388,11 +401,12 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
 
 def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str | Path | None = None,
               dataset: str | Path | None = None, workers: int = 2, overwrite: bool = False,
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
+              report_only: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Tune, report, write ``study.json``, ``table.md``, ``study.png`` and ``report.md``; return the data.
 
     ``dataset``: a labelled pair set (``smpo label`` output); default: the shipped pair set,
-    labelled into ``output/labelled`` first.
+    labelled into ``output/labelled`` first. ``report_only``: run nothing, report the held-out runs
+    that have finished (the tuning must be complete); each row says how many seeds it holds.
     """
     from smpo.world.demo import label
     from smpo.world.model import base_path
@@ -419,7 +433,14 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
     progress("smpo study: tuning learning rates on the validation prompts")
     tune = [Job("base", 0.0, s, "validation") for s in cfg.tune_seeds]
     tune += [Job(r, lr, s, "validation") for r in cfg.rungs for lr in cfg.lr_grid for s in cfg.tune_seeds]
-    results = run_jobs(tune, cfg, root, base, dataset, workers=workers, progress=progress)
+    if report_only:
+        results = _finished(tune, root)
+        missing = [j.name for j in tune if j.name not in results]
+        if missing:
+            raise ValueError(f"{root}: the tuning is not finished ({len(missing)} runs missing, e.g. {missing[0]}); "
+                             "run the study without --report-only")
+    else:
+        results = run_jobs(tune, cfg, root, base, dataset, workers=workers, progress=progress)
     chosen = choose_learning_rates(cfg, results)
 
     progress("smpo study: held-out runs (paper defaults and tuned rates)")
@@ -431,7 +452,10 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
     for r in cfg.rungs:
         if cfg.paper_lr != chosen[r]["learning_rate"]:
             report += [Job(r, cfg.paper_lr, s, "held_out") for s in cfg.seeds]
-    results.update(run_jobs(report, cfg, root, base, dataset, workers=workers, progress=progress))
+    if report_only:
+        results.update(_finished(report, root))
+    else:
+        results.update(run_jobs(report, cfg, root, base, dataset, workers=workers, progress=progress))
     rows = summarise(cfg, results, chosen)
 
     data = {"config": asdict(cfg), "base": str(base), "dataset": str(dataset), "chosen": chosen, "rows": rows,
@@ -480,6 +504,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated rungs (default all: {', '.join(r.key for r in RUNGS)})")
     parser.add_argument("--seeds", type=int, default=None, help="report seeds 0..N-1 (default 5)")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes of one thread (default 2)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the runs that have finished (after the tuning)")
     parser.add_argument("--base", default=None, help="world pipeline folder (default: the shipped base)")
     parser.add_argument("--dataset", default=None,
                         help="labelled pair set (smpo label output; default: the shipped pair set, labelled)")
@@ -502,5 +528,5 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 
 def run(args: argparse.Namespace) -> int:
     run_study(args.output, config_from_args(args), base=args.base, dataset=args.dataset, workers=args.workers,
-              overwrite=args.overwrite)
+              overwrite=args.overwrite, report_only=args.report_only)
     return 0
