@@ -1,6 +1,7 @@
 """`smpo evaluate` and `smpo compare` on hand-made folders and score tables (no diffusion model)."""
 
 import json
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -184,3 +185,31 @@ def test_report_page_and_plot_show_every_scorer(tmp_path):
     assert page.images[0] == "report.png"
     assert sum(src.startswith("data:image/png;base64,") for src in page.images) == 2 * 2  # 2 prompts x 2 models
     assert page.tables["samples"] == ["prompt", "A", "B"]
+
+
+def test_report_html_renders_in_a_real_browser(tmp_path):
+    """compare's report.html opened in headless Chromium (Debian's `chromium`): its tables are there
+    and every image it shows has loaded (a width > 0)."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (CI installs Debian's `chromium`; apt-get install chromium)")
+    a = _evaluated(tmp_path, "A", [21.0, 22.0, 23.0, 24.0])
+    b = _evaluated(tmp_path, "B", [20.0, 22.0, 25.0, 21.0])
+    page = compare([a, b], tmp_path / "report", num_resamples=50)["page"]
+    probe = page.with_name("probe.html")  # the page plus a script that records what loaded
+    probe.write_text(page.read_text().replace("</body>", (
+        "<script>window.addEventListener('load', () => {document.body.setAttribute('data-images', "
+        "[...document.images].map(i => (i.complete && i.naturalWidth > 0) ? 1 : 0).join(''));"
+        "document.body.setAttribute('data-tables', document.querySelectorAll('table').length);});</script></body>")))
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--allow-file-access-from-files",
+         "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    match = re.search(r'data-images="([01]*)"', dom)
+    assert match and match.group(1) and set(match.group(1)) == {"1"}, dom[:500]
+    assert int(re.search(r'data-tables="(\d+)"', dom).group(1)) >= 2
+    assert "win rate" in dom.lower() and ">A<" in dom and ">B<" in dom
