@@ -82,11 +82,13 @@ class StudyConfig:
     sample_steps: int = 10
     guidance_scale: float = 3.0
     max_prompts: int | None = None  # use only the first N prompts of each split (quick runs)
+    curve_rungs: tuple[str, ...] = ("dpo", "smpo-t", "smpo-grid", "smpo-forward")  # evaluated at every checkpoint
 
 
 QUICK = StudyConfig(rungs=("dpo", "smpo-t", "sft"), seeds=(0, 1), tune_seeds=(1000,), lr_grid=(1e-5, 1e-4),
                     paper_lr=1e-5, train_steps=2, batch_size=2, eval_every=1, images_per_prompt=1,
-                    validation_images_per_prompt=1, sample_steps=4, max_prompts=6)
+                    validation_images_per_prompt=1, sample_steps=4, max_prompts=6,
+                    curve_rungs=("dpo", "smpo-t", "sft"))
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,7 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
     axes[0].set_xlabel("held-out median reward lift over the base (95% CI over seeds)")
     axes[0].legend()
     for r in rows:
-        if r["setting"] != "tuned":
+        if r["setting"] != "tuned" or len(r["curve"]) < 2:
             continue
         steps = [0, *sorted(r["curve"])]
         lifts = [0.0, *(r["curve"][s][0] for s in sorted(r["curve"]))]
@@ -418,7 +420,7 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
     settings_path = root / "study-settings.json"
     if settings_path.is_file():
         old = read_json(settings_path)
-        changed = [k for k in settings if k not in ("rungs", "seeds") and old.get(k) != settings[k]]
+        changed = [k for k in settings if k not in ("rungs", "seeds", "curve_rungs") and old.get(k) != settings[k]]
         if changed:
             raise ValueError(f"{root} holds a study with other settings ({', '.join(changed)}); "
                              "use another --output or --overwrite")
@@ -448,7 +450,7 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
     # Every rung at its tuned rate first (in ladder order, Diffusion-DPO first), then the paper's
     # rate where it differs: a study stopped early has the tuned rows complete.
     for r in cfg.rungs:
-        report += [Job(r, chosen[r]["learning_rate"], s, "held_out", curve=True) for s in cfg.seeds]
+        report += [Job(r, chosen[r]["learning_rate"], s, "held_out", curve=r in cfg.curve_rungs) for s in cfg.seeds]
     for r in cfg.rungs:
         if cfg.paper_lr != chosen[r]["learning_rate"]:
             report += [Job(r, cfg.paper_lr, s, "held_out") for s in cfg.seeds]
