@@ -49,13 +49,14 @@ class Rung:
 
 RUNGS: tuple[Rung, ...] = (
     Rung("dpo", "Diffusion-DPO", "dpo"),
-    Rung("inversion-t", "+ DDIM inversion (on t)", "smpo", {"labels": "binary", "noising": "ddim-inversion"}),
+    Rung("inversion-t", "+ DDIM inversion (on t)", "smpo",
+         {"labels": "binary", "noising": "ddim-inversion", "land_on_t": True}),
     Rung("inversion-grid", "+ DDIM inversion (authors' grid)", "smpo",
          {"labels": "binary", "noising": "ddim-inversion", "land_on_t": False}),
-    Rung("renoise-t", "+ ReNoise (on t)", "smpo", {"labels": "binary", "noising": "renoise"}),
+    Rung("renoise-t", "+ ReNoise (on t)", "smpo", {"labels": "binary", "noising": "renoise", "land_on_t": True}),
     Rung("renoise-grid", "+ ReNoise (authors' grid)", "smpo",
          {"labels": "binary", "noising": "renoise", "land_on_t": False}),
-    Rung("smpo-t", "+ smoothed labels = SmPO (on t)", "smpo", {}),
+    Rung("smpo-t", "+ smoothed labels = SmPO (on t)", "smpo", {"land_on_t": True}),
     Rung("smpo-grid", "+ smoothed labels = SmPO (authors' grid)", "smpo", {"land_on_t": False}),
     Rung("smpo-forward", "SmPO, forward noising", "smpo", {"noising": "forward"}),
     Rung("kto", "Diffusion-KTO", "kto"),
