@@ -119,10 +119,12 @@ def test_smpo_forward_binary_is_dpo(gamma):
     assert not torch.allclose(smoothed.losses, dpo.losses)  # p_win < 1 weakens the pair
 
 
-def test_smpo_uses_the_inverted_latent_and_its_implied_noise():
+@pytest.mark.parametrize("land_on_t", [True, False])
+def test_smpo_uses_the_inverted_latent_and_its_implied_noise(land_on_t):
     family, policy, reference = _family(), StandIn(0.3), StandIn(0.2)
     batch = _batch()
-    cfg = ObjectiveConfig(method="smpo", beta=20.0, gamma=10.0, inversion_steps=4, renoise_iters=2)
+    cfg = ObjectiveConfig(method="smpo", beta=20.0, gamma=10.0, inversion_steps=4, renoise_iters=2,
+                          land_on_t=land_on_t)
     out = compute_loss(family, policy, reference, batch, cfg)
     t, _ = draw_t_and_noise(batch.seeds, (4, 4, 4), T)
     t2 = torch.cat([t, t])
@@ -133,7 +135,8 @@ def test_smpo_uses_the_inverted_latent_and_its_implied_noise():
             rows = index if index is not None else torch.arange(4)
             return policy.formula(x, level, states[rows])
 
-        expected_x_t = renoise_invert(eps_fn, x0, t2, family.alphas_cumprod, num_steps=4, renoise_iters=2)
+        expected_x_t = renoise_invert(eps_fn, x0, t2, family.alphas_cumprod, num_steps=4, renoise_iters=2,
+                                      land_on_t=land_on_t, initial_abar=family.initial_abar)
         eps_hat = implied_noise(expected_x_t, x0, t2, family.alphas_cumprod)
     grad_calls = [c for c in policy.calls if c[2]]
     assert len(grad_calls) == 1 and len(policy.calls) > 1  # the policy inverted (under no_grad), then trained
@@ -197,6 +200,7 @@ def test_kto_reference_point_over_processes():
 def test_config_validation_and_defaults():
     cfg = ObjectiveConfig().resolved()
     assert (cfg.method, cfg.noising, cfg.labels, cfg.beta) == ("smpo", "renoise", "smoothed", 2000.0)
+    assert cfg.land_on_t is False  # the authors' grid: chosen by the world study on validation prompts
     assert ObjectiveConfig(method="dpo").resolved().noising == "forward"
     assert ObjectiveConfig(noising="ddim-inversion").resolved().effective_renoise_iters == 0
     assert not ObjectiveConfig(method="mapo").needs_reference

@@ -61,8 +61,10 @@ class ObjectiveConfig:
     """CFG weight during inversion; 1 uses the conditional prediction alone (paper Table 6)."""
     inverting_network: str = "policy"
     """Which network inverts: policy (the authors', under no_grad) | reference."""
-    land_on_t: bool = True
-    """End the inversion exactly at t (paper Eq. 13); False reproduces the authors' grid."""
+    land_on_t: bool = False
+    """True: end the inversion exactly at t (paper Eq. 13). False (default): the authors' grid, as
+    their script runs under diffusers 0.20 (the latent ends at the grid level >= t); the world study
+    found it ahead on validation prompts in every inversion rung (docs/world.md)."""
     mapo_snr: float = 0.5
     """MaPO's s in f(s m) (ALGORITHM.md section 4)."""
 
