@@ -47,6 +47,12 @@ def test_bad_rows_unknown_values_and_unlabelled_data(tmp_path, cli_error, raw_pa
     bad.write_text(json.dumps({"prompt": "a", "image_0": "x.png", "image_1": "y.png", "label_0": 1}) + "\n{oops\n")
     line = cli_error(["label", str(bad), str(tmp_path / "l1"), "--scorer", "world"])
     assert "pairs.jsonl" in line and "line 2" in line
+    no_caption = tmp_path / "no_caption"
+    no_caption.mkdir()
+    pd.read_parquet(raw_pairs / "train-00000-of-00001.parquet").drop(columns=["caption"]).to_parquet(
+        no_caption / "train-00000-of-00001.parquet")
+    line = cli_error(["label", str(no_caption), str(tmp_path / "l3"), "--scorer", "world"])
+    assert "caption" in line and "no_caption" in line
     line = cli_error(["label", str(raw_pairs), str(tmp_path / "l2"), "--scorer", "bogus"])
     assert "unknown scorer 'bogus'" in line and "pickscore" in line
     line = cli_error(["train", "--method", "smpo", "--dataset", str(raw_pairs), "--model", BASE,
@@ -57,7 +63,7 @@ def test_bad_rows_unknown_values_and_unlabelled_data(tmp_path, cli_error, raw_pa
     assert "smpo generate" in line
     line = cli_error(["demo", "--quick", "--methods", "smpo,ppo", "--output", str(tmp_path / "d")])
     assert "--methods: unknown ['ppo']" in line
-    for name in ("l1", "l2", "t", "d"):
+    for name in ("l1", "l2", "l3", "t", "d"):
         assert not (tmp_path / name).exists(), name
 
 
