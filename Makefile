@@ -9,10 +9,10 @@ export TOKENIZERS_PARALLELISM ?= false
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -qq --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -qq torch==2.13.0
+	$(PY) -m pip install -qq -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed

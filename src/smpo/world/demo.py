@@ -381,8 +381,8 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, base: str | 
     text = "\n".join([
         "# smpo demo: the miniature world",
         "",
-        f"Base: `{base}`. Pairs: `{pairs}` ({labels['pairs']} pairs on train prompts, images from the renderer "
-        f"with graded defects and from the base, rated by simulated raters, {labels['ties']} ties), labelled by "
+        f"Base: `{base}`. Pairs: `{pairs}` ({labels['pairs']} pairs on train prompts, images from several "
+        f"generators (`model_0` / `model_1`), rated by simulated raters, {labels['ties']} ties), labelled by "
         f"the world reward model. Each method trained {cfg.train_steps} steps of {cfg.batch_size} pairs at its "
         "learning rate (" + ", ".join(f"{METHOD_NAMES[m]} {r:g}" for m, r in rates_used.items())
         + ("; tuned on validation prompts by the shipped study" if cfg.learning_rate is None else "")
@@ -432,9 +432,10 @@ def study_context(cfg: DemoConfig, study: dict[str, Any] | None, medians: dict[s
         lines.append("No study ships with this installation (`smpo study` makes one).")
         return {"markdown": "\n".join(lines), "rows": []}
     s = study["config"]
-    lines += [f"`{study['command']}` ({len(s['seeds'])} seeds, {s['train_steps']} steps of {s['batch_size']} pairs, "
-              f"{s['images_per_prompt']} images per held-out prompt; {study['wall_seconds'] / 3600:.1f} h on 2 CPU cores). "
-              "Held-out median reward lift over the base and win rate against it:", "",
+    status = f" ({study['status']})" if study.get("status", "finished") != "finished" else ""
+    lines += [f"`{study['command']}`{status}: {len(s['seeds'])} seeds, {s['train_steps']} steps of {s['batch_size']} "
+              f"pairs, {s['images_per_prompt']} images per held-out prompt, {study['wall_seconds'] / 3600:.1f} h on "
+              "2 CPU cores. Held-out median reward lift over the base and win rate against it:", "",
               "| method | this run: lift | this run: win rate | study (tuned): lift, mean [95% CI] | "
               "study: win rate, mean [95% CI] |", "|---|---|---|---|---|"]
     rows = []
