@@ -336,8 +336,14 @@ def table_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
     lines = ["| rung | setting | learning rate | seeds | held-out median lift over base | win rate vs base | "
              "UNet evals / step | s / step (1 thread) |",
              "|---|---|---|---|---|---|---|---|"]
+    tuned_rates = {r["rung"]: r["learning_rate"] for r in rows if r["setting"] == "tuned"}
     for r in rows:
-        lines.append(f"| {r['label']} | {r['setting']} | {r['learning_rate']:g} | {len(r['seeds'])} | "
+        setting = r["setting"]
+        if tuned_rates.get(r["rung"]) == r["learning_rate"]:  # the same runs: one row
+            if setting == "paper":
+                continue
+            setting = "tuned = paper" if r["learning_rate"] == cfg.paper_lr else setting
+        lines.append(f"| {r['label']} | {setting} | {r['learning_rate']:g} | {len(r['seeds'])} | "
                      f"{_fmt(r['lift_mean_ci'])} | "
                      f"{_fmt(r['win_rate_mean_ci'], 2, sign=False)} | {r['unet_evals_per_step']:.0f} | "
                      f"{r['seconds_per_step']:.2f} |")
@@ -365,10 +371,11 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
     labels = list(dict.fromkeys(r["label"] for r in rows))
     y = np.arange(len(labels))
     for offset, setting, colour in ((-0.18, "paper", "tab:grey"), (0.18, "tuned", "tab:blue")):
-        sel = {r["label"]: r for r in rows if r["setting"] == setting}
-        means = [sel[label]["lift_mean_ci"][0] for label in labels]
-        errs = np.array([[sel[label]["lift_mean_ci"][0] - sel[label]["lift_mean_ci"][1],
-                          sel[label]["lift_mean_ci"][2] - sel[label]["lift_mean_ci"][0]] for label in labels]).T
+        nan = (float("nan"),) * 3
+        sel = {r["label"]: r["lift_mean_ci"] for r in rows if r["setting"] == setting}  # a row may be unfinished
+        cis = [sel.get(label, nan) for label in labels]
+        means = [ci[0] for ci in cis]
+        errs = np.array([[ci[0] - ci[1], ci[2] - ci[0]] for ci in cis]).T
         axes[0].barh(y + offset, means, height=0.34, xerr=np.nan_to_num(errs), color=colour, label=setting,
                      capsize=2)
     axes[0].set_yticks(y, labels)
