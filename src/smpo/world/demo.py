@@ -35,7 +35,7 @@ import numpy as np
 from smpo.io import atomic_path, prepare_output_dir, write_json
 from smpo.world.grammar import split
 from smpo.world.model import base_path
-from smpo.world.study import demo_rung, shipped_summary
+from smpo.world.study import demo_rung, format_interval, shipped_summary
 
 METHOD_NAMES = {"smpo": "SmPO", "dpo": "Diffusion-DPO", "kto": "Diffusion-KTO", "mapo": "MaPO", "sft": "SFT"}
 
@@ -445,20 +445,14 @@ def study_context(cfg: DemoConfig, study: dict[str, Any] | None, medians: dict[s
         win = float(match.iloc[0].win_rate) if len(match) else float("nan")
         row = next((r for r in study["rows"] if r["rung"] == rung and r["setting"] == "tuned"), None)
         lift = medians[name] - medians["base"]
-        cells = ["-", "-"] if row is None else [_interval(row["lift_mean_ci"], sign=True),
-                                                _interval(row["win_rate_mean_ci"])]
+        cells = ["-", "-"] if row is None else [format_interval(row["lift_mean_ci"]),
+                                                format_interval(row["win_rate_mean_ci"], 2, sign=False)]
         lines.append(f"| {name} | {lift:+.3f} | {win:.2f} | {cells[0]} | {cells[1]} |")
         rows.append({"method": method, "rung": rung, "lift": lift, "win_rate": win, "study": row and {
             k: row[k] for k in ("lift_mean_ci", "win_rate_mean_ci", "learning_rate")}})
     if cfg != replace(DemoConfig(), seed=cfg.seed, methods=cfg.methods):
         lines += ["", "This run's settings differ from the study's defaults: the two are not directly comparable."]
     return {"markdown": "\n".join(lines), "rows": rows}
-
-
-def _interval(triple: list[float], sign: bool = False) -> str:
-    f = "{:+.3f}" if sign else "{:.2f}"
-    m, lo, hi = triple
-    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
 
 
 def run(args: argparse.Namespace) -> int:

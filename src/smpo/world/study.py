@@ -100,13 +100,7 @@ class Job:
     lr: float
     seed: int
     split: str  # "validation" (tuning) or "held_out" (report)
-    curve: bool = False  # evaluate every checkpoint (report runs of the tuned rate), not only the last
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Job) and self.name == other.name
-
-    def __hash__(self) -> int:
-        return hash(self.name)
+    curve: bool = field(default=False, compare=False)  # evaluate every checkpoint, not only the last
 
     @property
     def name(self) -> str:
@@ -324,7 +318,8 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
     return rows
 
 
-def _fmt(triple: tuple[float, float, float] | list[float], digits: int = 3, sign: bool = True) -> str:
+def format_interval(triple: tuple[float, float, float] | list[float], digits: int = 3, sign: bool = True) -> str:
+    """``mean [low, high]`` (the mean alone when there is no interval)."""
     m, lo, hi = triple
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
     if math.isnan(lo):
@@ -344,8 +339,8 @@ def table_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
                 continue
             setting = "tuned = paper" if r["learning_rate"] == cfg.paper_lr else setting
         lines.append(f"| {r['label']} | {setting} | {r['learning_rate']:g} | {len(r['seeds'])} | "
-                     f"{_fmt(r['lift_mean_ci'])} | "
-                     f"{_fmt(r['win_rate_mean_ci'], 2, sign=False)} | {r['unet_evals_per_step']:.0f} | "
+                     f"{format_interval(r['lift_mean_ci'])} | "
+                     f"{format_interval(r['win_rate_mean_ci'], 2, sign=False)} | {r['unet_evals_per_step']:.0f} | "
                      f"{r['seconds_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
