@@ -238,3 +238,45 @@ def test_ddim_step_downwards_matches_diffusers_ddim_scheduler():
     expected = sched.step(e, t, x, eta=0.0).prev_sample
     ours = ddim_step(x, e, ABAR[[t, t]], ABAR[[t - 100, t - 100]])
     assert torch.allclose(ours, expected, atol=1e-10)
+
+
+def test_step_noise_std_is_diffusers_ddim_variance():
+    from diffusers import DDIMScheduler
+
+    from smpo.inversion import step_noise_std
+
+    sched = DDIMScheduler(**SCHED, set_alpha_to_one=False)
+    for low, high in [(1, 201), (201, 401), (601, 801), (37, 250), (-199, 1)]:
+        expected = float(sched._get_variance(high, low)) ** 0.5  # timestep=high, prev_timestep=low
+        a_low = ABAR[[low]] if low >= 0 else torch.tensor([ABAR[0].item()], dtype=torch.float64)
+        assert float(step_noise_std(a_low, ABAR[[high]])) == pytest.approx(expected, rel=1e-5)
+    assert float(step_noise_std(torch.tensor([1.0], dtype=torch.float64), ABAR[[300]])) == 0.0  # from clean
+
+
+def test_inpo_step_noise_by_hand():
+    """DDIM-InPO's loop: each renoised step from u to u + T/steps (authors' grid), then
+    ``eta * sqrt(DDIMScheduler._get_variance(u + T/steps, u)) * z`` with fresh ``z``."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(**SCHED, set_alpha_to_one=False)
+    x0 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([450, 230])
+    gens = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    got = renoise_invert(nonlinear_eps, x0, t, ABAR, num_steps=5, land_on_t=False, initial_abar=float(ABAR[0]),
+                         step_noise=0.1, generators=gens)
+    for i in range(2):
+        g = torch.Generator().manual_seed(5 + i)
+        x = x0[i:i + 1].clone()
+        for u in (-199, 1, 201, 401):
+            if u >= int(t[i]):
+                break
+            uu = torch.tensor([u])
+            a_s = torch.tensor([ABAR[0].item() if u < 0 else ABAR[u].item()], dtype=torch.float64)
+            a_n = ABAR[[u + 200]]
+            e0 = nonlinear_eps(x, uu)
+            e1 = nonlinear_eps(ddim_step(x, e0, a_s, a_n), uu)
+            x = ddim_step(x, (e0 + e1) / 2, a_s, a_n)
+            x = x + 0.1 * float(sched._get_variance(u + 200, u)) ** 0.5 * torch.randn(3, generator=g)
+        torch.testing.assert_close(got[i:i + 1], x, atol=1e-6, rtol=1e-6)
+    plain = renoise_invert(nonlinear_eps, x0, t, ABAR, num_steps=5, land_on_t=False, initial_abar=float(ABAR[0]))
+    assert not torch.allclose(got, plain)

@@ -288,3 +288,21 @@ def test_ablation_rungs_are_settings():
     torch.testing.assert_close(losses["dpo"], dpo.losses)
     # p_win = 0.7 and 0.6 with gamma 1: lambda = 0.4 and 0.2 shrink each pair's margin
     assert (losses["+smoothed"] - LOG2).abs().lt((losses["+renoise"] - LOG2).abs()).all()
+
+
+def test_inversion_noise_is_seeded_per_image_and_off_by_default():
+    family, policy, reference = _family(), StandIn(0.3), StandIn(0.2)
+    batch = _batch()
+    cfg = ObjectiveConfig(method="smpo", beta=20.0, inversion_noise=0.1)
+    noisy = compute_loss(family, policy, reference, batch, cfg).losses
+    again = compute_loss(family, policy, reference, batch, cfg).losses
+    torch.testing.assert_close(noisy, again)  # drawn from the pairs' seeds, not the global generator
+    single = torch.cat([compute_loss(family, policy, reference, _select(batch, i), cfg).losses for i in range(2)])
+    torch.testing.assert_close(noisy, single, atol=1e-6, rtol=1e-5)  # independent of the batch
+    plain = compute_loss(family, policy, reference, batch, ObjectiveConfig(method="smpo", beta=20.0)).losses
+    assert not torch.allclose(noisy, plain)
+    assert ObjectiveConfig().inversion_noise == 0.0
+    with pytest.raises(ValueError, match="inversion_noise"):
+        ObjectiveConfig(method="dpo", inversion_noise=0.1).resolved()  # forward noising has no inversion
+    with pytest.raises(ValueError, match="inversion_noise"):
+        ObjectiveConfig(inversion_noise=-1.0).resolved()

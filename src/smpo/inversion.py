@@ -31,7 +31,7 @@ Two ways to walk the grid (``land_on_t``):
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -101,6 +101,19 @@ def _accepts_index(fn: EpsFn) -> bool:
         return False
 
 
+def step_noise_std(abar_low: Tensor, abar_high: Tensor) -> Tensor:
+    """The DDPM posterior standard deviation between two levels, as diffusers'
+    ``DDIMScheduler._get_variance(high, low)`` computes its square:
+    ``sqrt((1 - abar_low) / (1 - abar_high) * (1 - abar_high / abar_low))`` (0 from the clean image)."""
+    return ((1 - abar_low) / (1 - abar_high) * (1 - abar_high / abar_low)).clamp(min=0).sqrt()
+
+
+def _per_sample_randn(shape: torch.Size, rows: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
+    if generators is None:
+        return torch.randn(rows.numel(), *shape)
+    return torch.stack([torch.randn(tuple(shape), generator=generators[int(r)]) for r in rows.tolist()])
+
+
 def inversion_grid(num_steps: int, num_train_timesteps: int, *, land_on_t: bool = True,
                    steps_offset: int = 1) -> Tensor:
     """The levels a step of the inversion lands on (``land_on_t=True``), or the authors' UNet-call
@@ -114,7 +127,8 @@ def inversion_grid(num_steps: int, num_train_timesteps: int, *, land_on_t: bool 
 
 def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor, *, num_steps: int,
                    renoise_iters: int = 1, land_on_t: bool = True, return_trajectory: bool = False,
-                   steps_offset: int = 1, initial_abar: float = 1.0
+                   steps_offset: int = 1, initial_abar: float = 1.0, step_noise: float = 0.0,
+                   generators: Sequence[torch.Generator] | None = None
                    ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """Invert DDIM from the clean ``x0`` up to level ``t`` (per sample), with ReNoise (Eq. 13-14).
 
@@ -138,6 +152,12 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
             the scheduler config says ``set_alpha_to_one``, else ``alphas_cumprod[0]`` (SD1.5's and
             SDXL's configs; ``FamilyAdapter.initial_abar``). Ignored with ``land_on_t=True``, whose
             clean image has ``abar = 1`` (Eq. 13).
+        step_noise: DDIM-InPO's fresh noise (off at 0): after each step from ``s`` up to ``s'``,
+            add ``step_noise * sigma * z``, ``z ~ N(0, I)``, with ``sigma`` the DDPM posterior
+            standard deviation between the two levels (`step_noise_std`); the authors' InPO
+            script uses 0.1. The point is then no longer the deterministic inversion of ``x0``.
+        generators: with ``step_noise``, one CPU generator per sample (its draws do not depend
+            on the batch a sample is in); ``None`` uses the global generator.
 
     Returns:
         ``x_t`` (and the trajectory). Compute the target noise with `implied_noise`.
@@ -174,6 +194,9 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
         for i in range(1, renoise_iters + 1):
             eps_sum = eps_sum + predict(x_new, eval_at, rows)
             x_new = ddim_step(x_s, eps_sum / (i + 1), abar_s, abar_to)
+        if step_noise:
+            z = _per_sample_randn(x_s.shape[1:], rows, generators).to(x_new)
+            x_new = x_new + step_noise * _bcast(step_noise_std(abar_s, abar_to), x_new) * z
         x[rows] = x_new
         level[rows] = to
         if return_trajectory:

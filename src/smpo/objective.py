@@ -65,6 +65,10 @@ class ObjectiveConfig:
     """True: end the inversion exactly at t (paper Eq. 13). False (default): the authors' grid, as
     their script runs under diffusers 0.20 (the latent ends at the grid level >= t); the world study
     found it ahead on validation prompts in every inversion rung (docs/world.md)."""
+    inversion_noise: float = 0.0
+    """Off (0) by default. DDIM-InPO's fresh noise (the same authors' CVPR 2025 script uses 0.1):
+    after each inversion step add this times the step's DDPM standard deviation times fresh
+    Gaussian noise, drawn per image from its pair's seed (``smpo.inversion.renoise_invert``)."""
     mapo_snr: float = 0.5
     """MaPO's s in f(s m) (ALGORITHM.md section 4)."""
 
@@ -87,6 +91,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective.labels=smoothed needs method smpo (got {cfg.method})")
         if cfg.inverting_network not in ("policy", "reference"):
             raise ValueError(f"objective.inverting_network {cfg.inverting_network!r}: choose from policy, reference")
+        if cfg.inversion_noise < 0:
+            raise ValueError(f"objective.inversion_noise must be >= 0; got {cfg.inversion_noise}")
+        if cfg.inversion_noise and cfg.noising == "forward":
+            raise ValueError("objective.inversion_noise needs an inverting noising (renoise or ddim-inversion)")
         if cfg.inversion_steps < 1 or cfg.renoise_iters < 0:
             raise ValueError("objective.inversion_steps must be >= 1 and renoise_iters >= 0; "
                              f"got {cfg.inversion_steps} and {cfg.renoise_iters}")
@@ -203,14 +211,16 @@ def draw_t_and_noise(seeds: Sequence[int], shape: Sequence[int], num_timesteps: 
 
 
 def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, eps: Tensor, cond: Conditioning,
-                  cfg: ObjectiveConfig, uncond: Conditioning | None = None) -> NoisedBatch:
+                  cfg: ObjectiveConfig, uncond: Conditioning | None = None,
+                  seeds: Sequence[int] | None = None) -> NoisedBatch:
     """``x_t`` and the target noise for clean latents ``x0`` at per-sample ``t``.
 
     forward: ``x_t = sqrt(abar) x0 + sqrt(1-abar) eps`` with the given ``eps`` (section 1).
     ddim-inversion / renoise: ``x_t_hat`` = (Re)Noise inversion of ``x0`` up to ``t`` by
     ``inverter`` under no_grad, and its implied noise ``eps_hat`` (section 3); ``eps`` is unused.
     ``uncond`` (batch of 1, the empty prompt) is needed when ``cfg.inversion_guidance != 1``; it
-    keeps each image's own SDXL ``time_ids``.
+    keeps each image's own SDXL ``time_ids``. ``seeds`` (one per row of ``x0``) seed the fresh
+    noise of ``cfg.inversion_noise``.
     """
     if cfg.noising == "forward":
         return NoisedBatch(family.add_noise(x0, eps, t), t, eps)
@@ -225,9 +235,16 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
     with torch.no_grad():
         x_t = renoise_invert(eps_fn, x0, t, family.alphas_cumprod, num_steps=cfg.inversion_steps,
                              renoise_iters=cfg.effective_renoise_iters, land_on_t=cfg.land_on_t,
-                             initial_abar=family.initial_abar)
+                             initial_abar=family.initial_abar, step_noise=cfg.inversion_noise,
+                             generators=_inversion_generators(seeds, x0.shape[0]) if cfg.inversion_noise else None)
         eps_hat = implied_noise(x_t, x0, t, family.alphas_cumprod)
     return NoisedBatch(x_t.detach(), t, eps_hat.detach())
+
+
+def _inversion_generators(seeds: Sequence[int] | None, rows: int) -> list[torch.Generator]:
+    if seeds is None or len(seeds) != rows:
+        raise ValueError(f"objective.inversion_noise needs one seed per image ({rows}); got {seeds}")
+    return [torch.Generator().manual_seed(derive_seed(s, "inversion-noise")) for s in seeds]
 
 
 def errors(family: FamilyAdapter, network: Any, noised: NoisedBatch, x0: Tensor, cond: Conditioning) -> Tensor:
@@ -272,7 +289,9 @@ def _pairwise(family: FamilyAdapter, policy: Any, reference: Any | None, inverte
     t, eps = draw_t_and_noise(batch.seeds, batch.latents_w.shape[1:], family.num_timesteps, device)
     x0 = torch.cat([batch.latents_w, batch.latents_l]).float()
     cond = Conditioning.cat([batch.cond, batch.cond_l if batch.cond_l is not None else batch.cond])
-    noised = noise_latents(family, inverter, x0, torch.cat([t, t]), torch.cat([eps, eps]), cond, cfg, batch.uncond)
+    image_seeds = [derive_seed(s, 0) for s in batch.seeds] + [derive_seed(s, 1) for s in batch.seeds]
+    noised = noise_latents(family, inverter, x0, torch.cat([t, t]), torch.cat([eps, eps]), cond, cfg, batch.uncond,
+                           image_seeds)
     model_w, model_l = errors(family, policy, noised, x0, cond).chunk(2)
     if cfg.method == "mapo":
         out = LOSSES["mapo"](model_w, model_l, beta=cfg.beta, snr=cfg.mapo_snr, num_timesteps=family.num_timesteps)
@@ -294,7 +313,7 @@ def _sft(family: FamilyAdapter, policy: Any, inverter: Any, batch: PairBatch, cf
     """SFT on the winner image only (ALGORITHM.md section 4)."""
     x0 = batch.latents_w.float()
     t, eps = draw_t_and_noise(batch.seeds, x0.shape[1:], family.num_timesteps, x0.device)
-    noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond)
+    noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds)
     out = LOSSES["sft"](errors(family, policy, noised, x0, batch.cond))
     out.metrics["t_mean"] = t.float().mean()
     return out
@@ -305,7 +324,7 @@ def _kto(family: FamilyAdapter, policy: Any, reference: Any, inverter: Any, batc
     """Diffusion-KTO: independent t and eps per image (ALGORITHM.md section 4)."""
     x0 = batch.latents.float()
     t, eps = draw_t_and_noise(batch.seeds, x0.shape[1:], family.num_timesteps, x0.device)
-    noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond)
+    noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds)
     model = errors(family, policy, noised, x0, batch.cond)
     with torch.no_grad():
         ref = errors(family, reference, noised, x0, batch.cond)

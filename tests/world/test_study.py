@@ -1,6 +1,7 @@
 """`smpo study --quick`: the protocol (tune on validation, report on held-out over seeds), resumable."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,35 @@ def test_ladder_rungs_are_the_papers_settings():
         ("renoise", "smoothed", True)
     assert resolved["smpo-forward"].noising == "forward" and resolved["smpo-forward"].labels == "smoothed"
     assert {r.method for r in RUNGS} == {"dpo", "smpo", "kto", "mapo", "sft"}
+    assert resolved["smpo-inpo"].inversion_noise == 0.1 and not resolved["smpo-inpo"].land_on_t
+    assert all(r.start is None for r in RUNGS if r.key != "smpo-after-sft")
+
+
+def test_sft_start_trains_sft_first_then_the_rung_from_its_unet(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import smpo.train.loop
+    from smpo.world.demo import label
+    from smpo.world.model import base_path
+    from smpo.world.pairset import pair_set_path
+    from smpo.world.study import run_job
+
+    configs = []
+    real_train = smpo.train.loop.train
+
+    def recording_train(config):
+        configs.append(config)
+        return real_train(config)
+
+    monkeypatch.setattr(smpo.train.loop, "train", recording_train)
+    label(pair_set_path(), tmp_path / "labelled")
+    cfg = replace(QUICK, max_prompts=2)
+    result = run_job(Job("smpo-after-sft", 1e-5, 0, "validation"), cfg, tmp_path, base_path(), tmp_path / "labelled")
+    assert [c.objective.method for c in configs] == ["sft", "smpo"]
+    assert configs[0].model.unet is None
+    assert configs[1].model.unet == str(Path(configs[0].run.output_dir) / "final" / "unet")
+    assert configs[0].run.seed == configs[1].run.seed == 0 and configs[1].optim.learning_rate == 1e-5
+    assert len(result["scores"]["2"]) == 2
 
 
 def test_study_quick_tunes_on_validation_reports_on_held_out_and_resumes(tmp_path, capsys, cli_error):

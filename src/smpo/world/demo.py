@@ -131,14 +131,16 @@ def label(pairs: Path, out: Path, *, progress: bool = False) -> dict[str, Any]:
 
 
 def train_config(method: str, base: Path, dataset: Path, run_dir: Path, cfg: DemoConfig,
-                 objective: dict[str, Any] | None = None, resume: bool = False, progress: bool = False):
+                 objective: dict[str, Any] | None = None, resume: bool = False, progress: bool = False,
+                 unet: Path | None = None):
     """The ``smpo train`` config of one method: the paper's objective settings (method defaults:
-    beta, gamma 10, ReNoise with a 5-step grid for SmPO), the demo's budget."""
+    beta, gamma 10, ReNoise with a 5-step grid for SmPO), the demo's budget; ``unet``: start from
+    this UNet folder instead of the base's."""
     from smpo.objective import ObjectiveConfig
     from smpo.train.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 
     return TrainConfig(
-        model=ModelConfig(pretrained=str(base), finetune="full"),
+        model=ModelConfig(pretrained=str(base), finetune="full", unet=None if unet is None else str(unet)),
         # No horizontal flips: they would turn "on the left" images into right ones.
         data=DataConfig(dataset=str(dataset), random_flip=False),
         objective=ObjectiveConfig(method=method, **(objective or {})),

@@ -45,6 +45,10 @@ class Rung:
     label: str
     method: str
     objective: dict[str, Any] = field(default_factory=dict)
+    start: str | None = None
+    """``"sft"``: first fine-tune the base with SFT on the winners (the same budget, rate and seed),
+    then train this rung from that UNet (policy and reference), as the paper's SD1.5 run starts
+    from an SFT-tuned UNet. The lift is still measured against the base."""
 
 
 RUNGS: tuple[Rung, ...] = (
@@ -59,6 +63,11 @@ RUNGS: tuple[Rung, ...] = (
     Rung("smpo-t", "+ smoothed labels = SmPO (on t)", "smpo", {"land_on_t": True}),
     Rung("smpo-grid", "+ smoothed labels = SmPO (authors' grid)", "smpo", {"land_on_t": False}),
     Rung("smpo-forward", "SmPO, forward noising", "smpo", {"noising": "forward"}),
+    # Probes (issue 10, item 5): the same authors' DDIM-InPO fresh noise; the paper's SFT start.
+    Rung("smpo-inpo", "SmPO + InPO fresh noise 0.1 (authors' grid)", "smpo",
+         {"land_on_t": False, "inversion_noise": 0.1}),
+    Rung("smpo-after-sft", "SFT, then SmPO (authors' grid; twice the steps)", "smpo", {"land_on_t": False},
+         start="sft"),
     Rung("kto", "Diffusion-KTO", "kto"),
     Rung("mapo", "MaPO", "mapo"),
     Rung("sft", "SFT (winners)", "sft"),
@@ -185,7 +194,14 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
         rung = RUNG_BY_KEY[job.rung]
         run_dir = work / "run"
         started = time.perf_counter()
-        config = train_config(rung.method, base, dataset, run_dir, demo_cfg, rung.objective, resume=True)
+        start_unet = None
+        if rung.start == "sft":
+            sft_dir = work / "start-sft"
+            if not (sft_dir / "final").is_dir():
+                train(train_config("sft", base, dataset, sft_dir, replace(demo_cfg, eval_every=0), resume=True))
+            start_unet = sft_dir / "final" / "unet"
+        config = train_config(rung.method, base, dataset, run_dir, demo_cfg, rung.objective, resume=True,
+                              unet=start_unet)
         if not (run_dir / "final").is_dir():  # the export is written last, atomically
             train(config)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -392,7 +408,8 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
     for ax in axes[1:]:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel("held-out median lift (tuned, mean over seeds)")
-    axes[3].legend(fontsize=7)
+    if axes[3].lines:
+        axes[3].legend(fontsize=7)
     fig.suptitle(f"Miniature world: Table 3 ladder and baselines ({len(cfg.seeds)} seeds)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
