@@ -1,4 +1,6 @@
-"""Few-step DDIM inversion with ReNoise (SmPO Sec. 4.2, Eq. 13-14; ALGORITHM.md section 3).
+"""Few-step DDIM inversion with ReNoise (SmPO Sec. 4.2, Eq. 13-14; ALGORITHM.md section 3), and its
+flow-matching form (Euler inversion of the sampling ODE with ReNoise, for SD3 and FLUX; the last
+section of this module).
 
 Everything here depends only on a noise predictor ``eps_fn(x, t) -> eps`` (a batch and a
 ``LongTensor[B]`` of per-sample timesteps) and the scheduler's ``alphas_cumprod``; nothing knows
@@ -218,3 +220,120 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
 
     x_t = x
     return (x_t, trajectory) if return_trajectory else x_t
+
+
+# --------------------------------------------------------------------------------------------
+# Flow matching (SD3, FLUX): Euler inversion of the sampling ODE with ReNoise
+#
+# A flow-matching model noises linearly, ``x_s = (1 - s) x0 + s eps`` at noise level (sigma)
+# ``s`` in [0, 1], and its network predicts the velocity ``v(x_s, s) ~ eps - x0``; sampling
+# integrates ``dx/ds = v`` from ``s = 1`` down to 0 with Euler steps ``x_s = x_s' + (s - s') v``.
+# The inversion walks the other way, from the clean ``x0`` (``s = 0``) up to each sample's ``s``:
+#
+#     x_s' = x_s + (s' - s) v0,          v0 = v(x_s, s')
+#
+# (the velocity at the current point and the destination level, as the DDIM inversion above
+# takes its noise estimate). ReNoise (Eq. 14 in flow form) re-evaluates the velocity at the new
+# point, ``v_k = v(x_s'^(k), s')``, and re-steps from ``x_s`` with the mean of all estimates so
+# far. The grid's levels strictly below ``s`` are walked, then one more renoised step lands
+# exactly on ``s``. The point's implied noise and velocity are
+#
+#     eps_hat = (x_s - (1 - s) x0) / s,     v_hat = eps_hat - x0 = (x_s - x0) / s.
+
+VelocityFn = Callable[..., Tensor]
+
+
+def flow_grid(num_steps: int, sigmas: Tensor) -> Tensor:
+    """The inversion grid of ``num_steps`` over a schedule's ascending ``sigmas`` ``[T]``: the levels
+    ``sigmas[k * T // num_steps]`` for ``k = 1 .. num_steps - 1`` (the clean start ``s = 0`` is
+    implicit), the flow analogue of :func:`inversion_grid`."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    T = sigmas.shape[0]
+    return sigmas[torch.arange(1, num_steps) * (T // num_steps)]
+
+
+def flow_implied_noise(x_s: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    """The noise that puts ``x0`` at ``x_s`` on level ``sigma``: ``(x_s - (1 - s) x0) / s``."""
+    s = _bcast(sigma, x_s)
+    return (x_s - (1 - s) * x0) / s
+
+
+def flow_implied_velocity(x_s: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    """The velocity target of the point ``x_s`` of ``x0``: ``eps_hat - x0 = (x_s - x0) / s``."""
+    return flow_implied_noise(x_s, x0, sigma) - x0
+
+
+def flow_renoise_invert(velocity_fn: VelocityFn, x0: Tensor, sigma: Tensor, grid: Tensor, *,
+                        renoise_iters: int = 1, return_trajectory: bool = False
+                        ) -> Tensor | tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """Euler-invert the flow ODE from the clean ``x0`` up to level ``sigma`` (per sample), with ReNoise.
+
+    Args:
+        velocity_fn: ``velocity_fn(x, s)`` predicts the velocity of a batch at per-sample float
+            levels ``s`` ``[B]``; if it also accepts ``index=`` (the rows of the full batch it is
+            given) it is called only on the samples still inverting.
+        x0: clean latents ``[B, ...]``.
+        sigma: ``[B]`` levels in ``(0, 1]`` each sample stops at.
+        grid: ascending intermediate levels (e.g. :func:`flow_grid`); each sample walks those
+            strictly below its ``sigma`` and then steps exactly to ``sigma``.
+        renoise_iters: 0 is plain Euler inversion; each iteration re-evaluates the velocity at the
+            new point and re-steps from the start point with the mean of all estimates so far.
+        return_trajectory: also return ``(levels[B], latents)`` after each step (finished samples
+            repeat their last point).
+
+    Returns:
+        ``x_s`` (and the trajectory). Its target noise is `flow_implied_noise`.
+    """
+    if renoise_iters < 0:
+        raise ValueError(f"renoise_iters must be >= 0; got {renoise_iters}")
+    sigma = torch.as_tensor(sigma, device=x0.device).to(x0.dtype).reshape(-1)
+    if sigma.shape[0] != x0.shape[0]:
+        raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x0.shape[0]}")
+    if bool(((sigma <= 0) | (sigma > 1)).any()):
+        raise ValueError(f"sigma must lie in (0, 1]; got {sigma.tolist()}")
+    with_index = _accepts_index(velocity_fn)
+    x = x0.clone()
+    level = torch.zeros_like(sigma)
+    trajectory: list[tuple[Tensor, Tensor]] = []
+
+    def predict(x_in: Tensor, levels: Tensor, rows: Tensor) -> Tensor:
+        return velocity_fn(x_in, levels, index=rows) if with_index else velocity_fn(x_in, levels)
+
+    def step(rows: Tensor, to: Tensor) -> None:
+        full = rows.numel() == x.shape[0]
+        x_s = x if full else x[rows]
+        ds = _bcast(to - level[rows], x_s)
+        v_sum = predict(x_s, to, rows)
+        x_new = x_s + ds * v_sum
+        for i in range(1, renoise_iters + 1):
+            v_sum = v_sum + predict(x_new, to, rows)
+            x_new = x_s + ds * (v_sum / (i + 1))
+        x[rows] = x_new
+        level[rows] = to
+        if return_trajectory:
+            trajectory.append((level.clone(), x.clone()))
+
+    for u in grid.to(device=x0.device, dtype=x0.dtype).tolist():
+        rows = torch.nonzero(u < sigma).flatten()
+        if rows.numel() == 0:
+            break
+        step(rows, torch.full((rows.numel(),), u, device=x0.device, dtype=x0.dtype))
+    step(torch.arange(x.shape[0], device=x.device), sigma.clone())
+    return (x, trajectory) if return_trajectory else x
+
+
+def flow_euler_sample(velocity_fn: VelocityFn, x_s: Tensor, sigma: Tensor, grid: Tensor) -> Tensor:
+    """The Euler sampler from level ``sigma`` down to 0 over the same grid (reconstruction):
+    ``x_{s'} = x_s + (s' - s) v(x_s, s)`` through the grid levels below ``sigma``, then to 0."""
+    sigma = torch.as_tensor(sigma, device=x_s.device).to(x_s.dtype).reshape(-1)
+    x, level = x_s.clone(), sigma.clone()
+    for u in [*reversed(grid.to(device=x_s.device, dtype=x_s.dtype).tolist()), 0.0]:
+        rows = torch.nonzero(u < level).flatten()
+        if rows.numel() == 0:
+            continue
+        to = torch.full((rows.numel(),), u, device=x.device, dtype=x.dtype)
+        v = velocity_fn(x[rows], level[rows])
+        x[rows] = x[rows] + _bcast(to - level[rows], v) * v
+        level[rows] = to
+    return x
