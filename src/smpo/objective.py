@@ -25,7 +25,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from smpo.inversion import implied_noise, renoise_invert
 from smpo.losses import LOSSES, LossOutput, per_sample_mse
 from smpo.models.family import Conditioning, FamilyAdapter
 
@@ -35,6 +34,7 @@ Labels = Literal["binary", "smoothed"]
 
 METHODS: tuple[str, ...] = ("smpo", "dpo", "kto", "mapo", "sft")
 NOISINGS: tuple[str, ...] = ("forward", "ddim-inversion", "renoise")
+TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "logit_normal", "mode")
 DEFAULT_BETA: dict[str, float] = {"smpo": 2000.0, "dpo": 5000.0, "kto": 1000.0, "mapo": 0.1, "sft": 0.0}
 """ALGORITHM.md sections 2 and 4 (SmPO: 2000 for SD1.5, 5000 for SDXL; recipes set it per family)."""
 
@@ -71,6 +71,16 @@ class ObjectiveConfig:
     Gaussian noise, drawn per image from its pair's seed (``smpo.inversion.renoise_invert``)."""
     mapo_snr: float = 0.5
     """MaPO's s in f(s m) (ALGORITHM.md section 4)."""
+    timestep_sampling: str = "uniform"
+    """How each pair's level t is drawn: uniform over [0, T) (the paper; SD1.5/SDXL) | logit_normal |
+    mode, diffusers' compute_density_for_timestep_sampling for SD3/FLUX training (u in [0, 1] maps
+    to the level of scheduler.timesteps[int(u T)], as diffusers' flow training scripts index it)."""
+    logit_mean: float = 0.0
+    """timestep_sampling=logit_normal: the mean of the normal before the sigmoid."""
+    logit_std: float = 1.0
+    """timestep_sampling=logit_normal: its standard deviation."""
+    mode_scale: float = 1.29
+    """timestep_sampling=mode: the scale of the mode-sampling density (SD3 paper)."""
 
     def resolved(self) -> ObjectiveConfig:
         """A copy with the method defaults filled in, validated."""
@@ -95,6 +105,9 @@ class ObjectiveConfig:
             raise ValueError(f"objective.inversion_noise must be >= 0; got {cfg.inversion_noise}")
         if cfg.inversion_noise and cfg.noising == "forward":
             raise ValueError("objective.inversion_noise needs an inverting noising (renoise or ddim-inversion)")
+        if cfg.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"objective.timestep_sampling {cfg.timestep_sampling!r}: choose from "
+                             f"{', '.join(TIMESTEP_SAMPLINGS)}")
         if cfg.inversion_steps < 1 or cfg.renoise_iters < 0:
             raise ValueError("objective.inversion_steps must be >= 1 and renoise_iters >= 0; "
                              f"got {cfg.inversion_steps} and {cfg.renoise_iters}")
@@ -192,18 +205,39 @@ def derive_seed(*parts: Any) -> int:
 
 
 def draw_t_and_noise(seeds: Sequence[int], shape: Sequence[int], num_timesteps: int,
-                     device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+                     device: torch.device | str = "cpu", *, sampling: str = "uniform", logit_mean: float = 0.0,
+                     logit_std: float = 1.0, mode_scale: float = 1.29) -> tuple[Tensor, Tensor]:
     """Per-sample ``t ~ U{0..T-1}`` (``LongTensor[B]``) and ``eps ~ N(0, I)`` (``[B, *shape]``).
 
     Sample ``i`` draws from a CPU generator seeded with ``seeds[i]`` (t first, then eps), so the
     draw is the same on every device and in every batch composition.
+
+    ``sampling`` other than ``uniform``: ``u`` from diffusers' ``compute_density_for_timestep_sampling``
+    (``logit_normal``, ``mode``) on the same generator, and ``t = T - 1 - int(u T)``: diffusers' flow
+    training scripts take ``scheduler.timesteps[int(u T)]`` from a DEScending table, whose entry
+    ``k`` is the ascending level ``T - 1 - k`` that ``t`` indexes here.
     """
     ts, noises = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
-        ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        if sampling == "uniform":
+            ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        else:
+            from diffusers.training_utils import compute_density_for_timestep_sampling
+
+            u = compute_density_for_timestep_sampling(sampling, 1, logit_mean=logit_mean, logit_std=logit_std,
+                                                      mode_scale=mode_scale, generator=g)
+            k = (u * num_timesteps).long().clamp(0, num_timesteps - 1)
+            ts.append(num_timesteps - 1 - k)
         noises.append(torch.randn(tuple(shape), generator=g))
     return torch.cat(ts).to(device), torch.stack(noises).to(device)
+
+
+def _draw(batch_seeds: Sequence[int], shape: Sequence[int], family: FamilyAdapter, cfg: ObjectiveConfig,
+          device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """``draw_t_and_noise`` with the config's level sampling."""
+    return draw_t_and_noise(batch_seeds, shape, family.num_timesteps, device, sampling=cfg.timestep_sampling,
+                            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,9 +249,11 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
                   seeds: Sequence[int] | None = None) -> NoisedBatch:
     """``x_t`` and the target noise for clean latents ``x0`` at per-sample ``t``.
 
-    forward: ``x_t = sqrt(abar) x0 + sqrt(1-abar) eps`` with the given ``eps`` (section 1).
+    forward: ``x_t = sqrt(abar) x0 + sqrt(1-abar) eps`` with the given ``eps`` (section 1; a flow
+    family: ``(1 - s) x0 + s eps``, ``family.add_noise``).
     ddim-inversion / renoise: ``x_t_hat`` = (Re)Noise inversion of ``x0`` up to ``t`` by
-    ``inverter`` under no_grad, and its implied noise ``eps_hat`` (section 3); ``eps`` is unused.
+    ``inverter`` under no_grad, and its implied noise ``eps_hat`` (section 3; a flow family's
+    Euler inversion, ``family.invert``); ``eps`` is unused.
     ``uncond`` (batch of 1, the empty prompt) is needed when ``cfg.inversion_guidance != 1``; it
     keeps each image's own SDXL ``time_ids``. ``seeds`` (one per row of ``x0``) seed the fresh
     noise of ``cfg.inversion_noise``.
@@ -231,13 +267,11 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
         if uncond is None:
             raise ValueError(f"inversion_guidance={cfg.inversion_guidance} needs the batch's uncond (empty prompt)")
         unc = cond.drop_text(torch.ones(len(cond), dtype=torch.bool), uncond)
-    eps_fn = family.eps_fn(inverter, cond, unc, cfg.inversion_guidance)
     with torch.no_grad():
-        x_t = renoise_invert(eps_fn, x0, t, family.alphas_cumprod, num_steps=cfg.inversion_steps,
-                             renoise_iters=cfg.effective_renoise_iters, land_on_t=cfg.land_on_t,
-                             initial_abar=family.initial_abar, step_noise=cfg.inversion_noise,
-                             generators=_inversion_generators(seeds, x0.shape[0]) if cfg.inversion_noise else None)
-        eps_hat = implied_noise(x_t, x0, t, family.alphas_cumprod)
+        x_t, eps_hat = family.invert(
+            inverter, x0, t, cond, uncond=unc, num_steps=cfg.inversion_steps, renoise_iters=cfg.effective_renoise_iters,
+            guidance=cfg.inversion_guidance, land_on_t=cfg.land_on_t, step_noise=cfg.inversion_noise,
+            generators=_inversion_generators(seeds, x0.shape[0]) if cfg.inversion_noise else None)
     return NoisedBatch(x_t.detach(), t, eps_hat.detach())
 
 
@@ -286,7 +320,7 @@ def _pairwise(family: FamilyAdapter, policy: Any, reference: Any | None, inverte
               cfg: ObjectiveConfig) -> LossOutput:
     """smpo, dpo, mapo: winner and loser share t (and eps when forward-noised), one call per network."""
     device = batch.latents_w.device
-    t, eps = draw_t_and_noise(batch.seeds, batch.latents_w.shape[1:], family.num_timesteps, device)
+    t, eps = _draw(batch.seeds, batch.latents_w.shape[1:], family, cfg, device)
     x0 = torch.cat([batch.latents_w, batch.latents_l]).float()
     cond = Conditioning.cat([batch.cond, batch.cond_l if batch.cond_l is not None else batch.cond])
     image_seeds = [derive_seed(s, 0) for s in batch.seeds] + [derive_seed(s, 1) for s in batch.seeds]
@@ -312,7 +346,7 @@ def _pairwise(family: FamilyAdapter, policy: Any, reference: Any | None, inverte
 def _sft(family: FamilyAdapter, policy: Any, inverter: Any, batch: PairBatch, cfg: ObjectiveConfig) -> LossOutput:
     """SFT on the winner image only (ALGORITHM.md section 4)."""
     x0 = batch.latents_w.float()
-    t, eps = draw_t_and_noise(batch.seeds, x0.shape[1:], family.num_timesteps, x0.device)
+    t, eps = _draw(batch.seeds, x0.shape[1:], family, cfg, x0.device)
     noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds)
     out = LOSSES["sft"](errors(family, policy, noised, x0, batch.cond))
     out.metrics["t_mean"] = t.float().mean()
@@ -323,7 +357,7 @@ def _kto(family: FamilyAdapter, policy: Any, reference: Any, inverter: Any, batc
          cfg: ObjectiveConfig, mean_over_processes: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
     """Diffusion-KTO: independent t and eps per image (ALGORITHM.md section 4)."""
     x0 = batch.latents.float()
-    t, eps = draw_t_and_noise(batch.seeds, x0.shape[1:], family.num_timesteps, x0.device)
+    t, eps = _draw(batch.seeds, x0.shape[1:], family, cfg, x0.device)
     noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds)
     model = errors(family, policy, noised, x0, batch.cond)
     with torch.no_grad():

@@ -167,6 +167,15 @@ class FamilyAdapter:
     name: ClassVar[str] = "base"
     image_keys: ClassVar[tuple[str, ...]] = ()
     """Keys of ``Conditioning.added`` that depend on the image (its size and crop), not the prompt."""
+    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"
+    """The diffusers pipeline class of the family (export, ``smpo generate``)."""
+    network_class: ClassVar[str] = "UNet2DConditionModel"
+    """The diffusers class of the trained network."""
+    network_folder: ClassVar[str] = "unet"
+    """The pipeline's subfolder of the trained network, and the prefix of its LoRA keys
+    (``unet_lora_layers`` / ``transformer_lora_layers`` of ``save_lora_weights``)."""
+    guidance_scale: ClassVar[float] = 7.5
+    """Default CFG of ``smpo generate`` (paper Appendix D: 7.5 for SD1.5, 5 for SDXL)."""
 
     unet: Any
     vae: Any
@@ -314,6 +323,21 @@ class FamilyAdapter:
         a, s = self._coefficients(t, x_t)
         return a * output + s * x_t
 
+    def invert(self, network: Any, x0: Tensor, t: Tensor, cond: Conditioning, *, uncond: Conditioning | None,
+               num_steps: int, renoise_iters: int, guidance: float, land_on_t: bool, step_noise: float,
+               generators: Sequence[torch.Generator] | None) -> tuple[Tensor, Tensor]:
+        """(Re)Noise DDIM inversion of ``x0`` up to ``t`` by ``network`` (ALGORITHM.md section 3) and
+        its implied noise: ``(x_t, eps_hat)``. Call under ``no_grad``. The arguments are those of
+        ``smpo.inversion.renoise_invert``; ``uncond`` is the batch's empty-prompt conditioning
+        (one row per sample) when ``guidance != 1``. Flow families override this."""
+        from smpo.inversion import implied_noise, renoise_invert
+
+        eps_fn = self.eps_fn(network, cond, uncond, guidance)
+        x_t = renoise_invert(eps_fn, x0, t, self.alphas_cumprod, num_steps=num_steps, renoise_iters=renoise_iters,
+                             land_on_t=land_on_t, initial_abar=self.initial_abar, step_noise=step_noise,
+                             generators=generators)
+        return x_t, implied_noise(x_t, x0, t, self.alphas_cumprod)
+
     def eps_fn(self, unet: Any, cond: Conditioning, uncond: Conditioning | None = None,
                guidance: float = 1.0) -> Callable[..., Tensor]:
         """``eps_fn(x, t, index=None) -> eps`` for ``smpo.inversion`` (ALGORITHM.md section 3).
@@ -359,6 +383,8 @@ class SDXLAdapter(FamilyAdapter):
 
     name: ClassVar[str] = "sdxl"
     image_keys: ClassVar[tuple[str, ...]] = ("time_ids",)
+    pipeline_class: ClassVar[str] = "StableDiffusionXLPipeline"
+    guidance_scale: ClassVar[float] = 5.0
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], *, original_sizes: Sequence[Size] | None = None,
@@ -392,9 +418,6 @@ class SDXLAdapter(FamilyAdapter):
         return replace(cond, added=added)
 
 
-FAMILIES: dict[str, type[FamilyAdapter]] = {"sd15": SD15Adapter, "sdxl": SDXLAdapter}
-
-
 # --------------------------------------------------------------------------------------------
 # Loading
 
@@ -419,7 +442,11 @@ def _read_model_index(model: str, revision: str | None) -> dict[str, Any]:
 
 
 def detect_family(model_index: dict[str, Any]) -> str:
-    """``sdxl`` when the pipeline has a second text encoder, else ``sd15``."""
+    """``sd3`` / ``flux`` from the pipeline class (``StableDiffusion3*``, ``Flux*``); otherwise ``sdxl``
+    when the pipeline has a second text encoder, else ``sd15``."""
+    flow = flow_family_of(str(model_index.get("_class_name", "")))
+    if flow is not None:
+        return flow
     return "sdxl" if "text_encoder_2" in model_index else "sd15"
 
 
@@ -429,7 +456,9 @@ def load_family(model: str | os.PathLike, *, family: str = "auto", vae: str | os
                 with_unet: bool = True) -> FamilyAdapter:
     """Load a text-to-image pipeline from a diffusers folder or hub id as a :class:`FamilyAdapter`.
 
-    ``family``: ``"sd15"``, ``"sdxl"`` or ``"auto"`` (read from ``model_index.json``).
+    ``family``: ``"sd15"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` or ``"auto"`` (read from ``model_index.json``).
+    For ``sd3``/``flux`` the network is the pipeline's ``transformer`` (``unet`` then names a
+    separate initial transformer) and the adapter is a ``smpo.models.flow.FlowAdapter``.
     ``vae``: a separate VAE (folder or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``).
     ``unet``: a separate initial UNet (a folder with ``config.json`` + weights, or a pipeline
     folder / hub id with a ``unet`` subfolder). All components are loaded in ``dtype`` and frozen
@@ -448,6 +477,9 @@ def load_family(model: str | os.PathLike, *, family: str = "auto", vae: str | os
     name = detect_family(index) if family == "auto" else family
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from auto, {', '.join(FAMILIES)}")
+    if name in FLOW_FAMILIES:
+        return load_flow_family(model, name, vae=vae, unet=unet, revision=revision, variant=variant, dtype=dtype,
+                                with_unet=with_unet).to(device)
 
     def load(cls: Any, repo: str, subfolder: str | None, **kw: Any) -> Any:
         return cls.from_pretrained(repo, subfolder=subfolder, revision=revision, variant=variant, **kw)
@@ -496,6 +528,11 @@ def make_adapter(family: str, *, unet: Any, vae: Any, text_encoders: list[Any], 
 
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
+    if family in FLOW_FAMILIES:
+        from smpo.models.flow import make_flow_adapter
+
+        return make_flow_adapter(family, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                                 scheduler=scheduler, source=source)
     schedule = DDPMScheduler.from_config(scheduler.config)
     sample_size = unet_sample_size if unet_sample_size is not None else int(unet.config.sample_size)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -538,3 +575,10 @@ def _transformers_dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
     major = int(transformers.__version__.split(".")[0])
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+# The flow-matching families (SD3, FLUX) live in smpo.models.flow, which builds on this module.
+from smpo.models.flow import FLOW_FAMILIES, flow_family_of, load_flow_family  # noqa: E402
+
+FAMILIES: dict[str, type[FamilyAdapter]] = {"sd15": SD15Adapter, "sdxl": SDXLAdapter, **FLOW_FAMILIES}
+"""The adapters by family name (``--family``)."""

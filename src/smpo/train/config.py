@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from smpo.objective import METHODS, NOISINGS, ObjectiveConfig
+from smpo.objective import METHODS, NOISINGS, TIMESTEP_SAMPLINGS, ObjectiveConfig
 
 
 class ConfigError(ValueError):
@@ -46,8 +46,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     pretrained: str = ""
     """Base model: a diffusers pipeline folder or a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)."""
-    family: Literal["auto", "sd15", "sdxl"] = "auto"
-    """Model family; `auto` reads it from the pipeline folder."""
+    family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = "auto"
+    """Model family; `auto` reads it from the pipeline folder (model_index.json)."""
     vae: str | None = None
     """Optional separate VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16."""
     unet: str | None = None
@@ -155,7 +155,7 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "noising": NOISINGS, "labels": ("binary", "smoothed"),
-    "inverting_network": ("policy", "reference"),
+    "inverting_network": ("policy", "reference"), "timestep_sampling": TIMESTEP_SAMPLINGS,
 }
 """Allowed values of string fields not typed as a ``Literal`` (checked on the command line and in YAML)."""
 

@@ -1,0 +1,343 @@
+"""Flow-matching families: Stable Diffusion 3 and FLUX behind the same adapter interface.
+
+A flow-matching model noises linearly and predicts a velocity (ALGORITHM-NOTES.md, "Flow
+matching")::
+
+    x_s = (1 - s) x0 + s eps,        v(x_s, s) ~ eps - x0,        s = sigma in [0, 1].
+
+The objective keeps drawing an integer level ``t`` per pair (``smpo.objective.draw_t_and_noise``);
+the adapter maps it to ``s = sigmas[t]``, the scheduler's training sigmas in ascending order
+(``FlowMatchEulerDiscreteScheduler.sigmas`` flipped: SD3's are shifted by 3, FLUX.1's, with dynamic
+shifting, are not). Everything that differs from the noise-predicting families is an adapter
+method: :meth:`FlowAdapter.add_noise`, :meth:`~FlowAdapter.target` (the velocity ``eps - x0``),
+:meth:`~FlowAdapter.unet_output` (the network's velocity at ``sigmas[t]``) and
+:meth:`~FlowAdapter.invert` (Euler inversion with ReNoise, ``smpo.inversion.flow_renoise_invert``).
+
+``unet`` is the transformer (the adapter interface keeps its name). Prompts are encoded by the
+pipeline class's own ``encode_prompt`` over the adapter's text encoders, so training, the cache
+and ``smpo generate`` see the same embeddings:
+
+- SD3: two CLIP encoders (penultimate states, concatenated and zero-padded to T5's width) followed
+  along the sequence by T5's states; the two pooled projections concatenated
+  (``Conditioning.added["text_embeds"]``, passed as ``pooled_projections``).
+- FLUX: T5's states; CLIP's pooled output. The transformer takes 2x2-packed latents, their
+  position ids, zero text ids and (FLUX.1-dev) the distilled guidance scale; the adapter packs
+  and unpacks, so latents stay ``[B, C, h, w]`` everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from smpo.models.family import Conditioning, FamilyAdapter, Size, _module_dtype
+
+
+@dataclass
+class FlowAdapter(FamilyAdapter):
+    """A flow-matching family. ``sigmas``: ``[T]`` ascending training sigmas (``t`` indexes them).
+
+    ``alphas_cumprod`` holds the signal fraction of the equivalent variance-preserving process,
+    ``(1 - s)^2 / ((1 - s)^2 + s^2)`` (same SNR), so code that reads the schedule's length or
+    device works unchanged; the flow math reads ``sigmas``.
+    """
+
+    sigmas: Tensor | None = None
+    max_sequence_length: int = 256
+    """T5 tokens per prompt (the pipeline's default, or less if the tokenizer is shorter)."""
+
+    timestep_scale: ClassVar[float] = 1.0
+    """The transformer's ``timestep`` input is ``sigma * timestep_scale``."""
+    pipeline_class: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.prediction_type != "flow":
+            raise ValueError(f"{self.source or 'model'}: a flow-matching family needs prediction_type 'flow', "
+                             f"got {self.prediction_type!r}")
+        if self.sigmas is None or self.sigmas.shape != self.alphas_cumprod.shape:
+            raise ValueError("a flow-matching family needs its ascending training sigmas, one per level")
+
+    def to(self, device: torch.device | str) -> FlowAdapter:
+        super().to(device)
+        self.sigmas = self.sigmas.to(device)  # type: ignore[union-attr]
+        return self
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ---- the flow parametrisation
+    def sigma_of(self, t: Tensor) -> Tensor:
+        """``sigmas[t]`` (float32, ``[B]``)."""
+        return self.sigmas.to(t.device)[t.long()].float()  # type: ignore[union-attr]
+
+    def _s(self, t: Tensor, like: Tensor) -> Tensor:
+        return self.sigma_of(t.to(like.device)).view(-1, *[1] * (like.dim() - 1))
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Forward noising of flow matching: ``(1 - s) x0 + s eps`` with ``s = sigmas[t]``."""
+        s = self._s(t, x0)
+        return (1 - s) * x0 + s * eps
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The velocity ``eps - x0`` (with the implied noise, the implied velocity of an inverted point)."""
+        return eps - x0
+
+    def eps_from_output(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The noise implied by a velocity: ``eps = x_s + (1 - s) v``."""
+        return x_t + (1 - self._s(t, x_t)) * output
+
+    def unet_output(self, unet: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The network's velocity at ``(x_t, sigmas[t])`` in float32 (``t`` a ``LongTensor[B]``)."""
+        return self.velocity(unet, x_t, self.sigma_of(t.to(x_t.device)), cond)
+
+    def velocity(self, network: Any, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """The network's velocity at float levels ``sigma`` ``[B]`` (inputs cast to its dtype)."""
+        dtype = _module_dtype(network)
+        self.unet_evals += x.shape[0]
+        self.unet_calls += 1
+        cond = cond.to(x.device, dtype)
+        out = self._forward(network, x.to(dtype), sigma.to(device=x.device, dtype=dtype) * self.timestep_scale, cond)
+        return out.float()
+
+    def _forward(self, network: Any, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        raise NotImplementedError
+
+    def velocity_fn(self, network: Any, cond: Conditioning, uncond: Conditioning | None = None,
+                    guidance: float = 1.0) -> Callable[..., Tensor]:
+        """``velocity_fn(x, sigma, index=None) -> v`` for ``smpo.inversion.flow_renoise_invert``;
+        ``guidance != 1`` mixes in the unconditional velocity, both in one call (as :meth:`eps_fn`)."""
+        if guidance != 1.0 and uncond is None:
+            raise ValueError(f"inversion guidance {guidance} needs the empty-prompt conditioning (uncond)")
+
+        def v(x: Tensor, sigma: Tensor, index: Tensor | None = None) -> Tensor:
+            rows = index if index is not None else torch.arange(x.shape[0])
+            c = cond if index is None and len(cond) == x.shape[0] else cond.index(rows)
+            if guidance == 1.0:
+                return self.velocity(network, x, sigma, c)
+            assert uncond is not None
+            u = uncond.index(torch.zeros_like(rows)) if len(uncond) == 1 else uncond.index(rows)
+            both = Conditioning.cat([c, u.to(c.hidden_states.device)])
+            v_cond, v_uncond = self.velocity(network, torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+            return v_uncond + guidance * (v_cond - v_uncond)
+
+        return v
+
+    def invert(self, network: Any, x0: Tensor, t: Tensor, cond: Conditioning, *, uncond: Conditioning | None,
+               num_steps: int, renoise_iters: int, guidance: float, land_on_t: bool, step_noise: float,
+               generators: Sequence[torch.Generator] | None) -> tuple[Tensor, Tensor]:
+        """Euler inversion with ReNoise from ``x0`` up to ``s = sigmas[t]`` over ``num_steps`` grid
+        levels of the schedule, landing exactly on ``s``; returns ``(x_s, eps_hat)``.
+
+        ``land_on_t`` does not apply (there is no authors' flow grid to reproduce: a flow
+        inversion always lands on ``s``); DDIM-InPO's ``step_noise`` is not defined for flows.
+        """
+        from smpo.inversion import flow_grid, flow_implied_noise, flow_renoise_invert
+
+        if step_noise:
+            raise ValueError("objective.inversion_noise (DDIM-InPO's fresh noise) is not defined for "
+                             f"flow-matching models ({self.name})")
+        sigma = self.sigma_of(t.to(x0.device))
+        v_fn = self.velocity_fn(network, cond, uncond, guidance)
+        x_s = flow_renoise_invert(v_fn, x0, sigma, flow_grid(num_steps, self.sigmas.to(x0.device)),  # type: ignore[union-attr]
+                                  renoise_iters=renoise_iters)
+        return x_s, flow_implied_noise(x_s, x0, sigma)
+
+    # ---- prompts, through the pipeline class's own encode_prompt
+    def _text_pipeline(self) -> Any:
+        import diffusers
+
+        pipe = self.__dict__.get("_text_pipe")
+        if pipe is None:
+            pipe = getattr(diffusers, self.pipeline_class)(**self._text_components())
+            self.__dict__["_text_pipe"] = pipe
+        return pipe
+
+    def _text_components(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _text_device(self) -> torch.device:
+        return next(self.text_encoders[0].parameters()).device
+
+
+class SD3Adapter(FlowAdapter):
+    """Stable Diffusion 3: ``SD3Transformer2DModel``; CLIP-L and CLIP-G with projection, and T5."""
+
+    name: ClassVar[str] = "sd3"
+    timestep_scale: ClassVar[float] = 1000.0  # the pipeline passes scheduler.timesteps = sigma * 1000
+    pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
+    network_class: ClassVar[str] = "SD3Transformer2DModel"
+    network_folder: ClassVar[str] = "transformer"
+    guidance_scale: ClassVar[float] = 7.0  # StableDiffusion3Pipeline's default CFG
+
+    def _text_components(self) -> dict[str, Any]:
+        te, tok = self.text_encoders, self.tokenizers
+        return dict(transformer=None, scheduler=None, vae=None, text_encoder=te[0], tokenizer=tok[0],
+                    text_encoder_2=te[1], tokenizer_2=tok[1], text_encoder_3=te[2], tokenizer_3=tok[2])
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], *, original_sizes: Sequence[Size] | None = None,
+                       crops_coords: Sequence[Size] | None = None) -> Conditioning:
+        hidden, _, pooled, _ = self._text_pipeline().encode_prompt(
+            list(prompts), prompt_2=None, prompt_3=None, device=self._text_device(), do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length)
+        return Conditioning(hidden, {"text_embeds": pooled})
+
+    def _forward(self, network: Any, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        assert cond.added is not None
+        return network(hidden_states=x, timestep=timestep, encoder_hidden_states=cond.hidden_states,
+                       pooled_projections=cond.added["text_embeds"], return_dict=False)[0]
+
+
+@dataclass
+class FluxAdapter(FlowAdapter):
+    """FLUX.1: ``FluxTransformer2DModel`` on 2x2-packed latents; CLIP (pooled) and T5 (states).
+
+    ``guidance``: the distilled guidance scale given to a transformer with ``guidance_embeds``
+    (FLUX.1-dev) in every training and inversion call; 3.5, the default of ``FluxPipeline`` and of
+    diffusers' FLUX DreamBooth scripts.
+    """
+
+    guidance: float = 3.5
+
+    name: ClassVar[str] = "flux"
+    timestep_scale: ClassVar[float] = 1.0  # FluxPipeline passes timestep / 1000 = sigma
+    pipeline_class: ClassVar[str] = "FluxPipeline"
+    network_class: ClassVar[str] = "FluxTransformer2DModel"
+    network_folder: ClassVar[str] = "transformer"
+    guidance_scale: ClassVar[float] = 3.5  # FluxPipeline's default (distilled) guidance
+
+    def _text_components(self) -> dict[str, Any]:
+        te, tok = self.text_encoders, self.tokenizers
+        return dict(transformer=None, scheduler=None, vae=None, text_encoder=te[0], tokenizer=tok[0],
+                    text_encoder_2=te[1], tokenizer_2=tok[1])
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], *, original_sizes: Sequence[Size] | None = None,
+                       crops_coords: Sequence[Size] | None = None) -> Conditioning:
+        hidden, pooled, _ = self._text_pipeline().encode_prompt(
+            list(prompts), prompt_2=None, device=self._text_device(), max_sequence_length=self.max_sequence_length)
+        return Conditioning(hidden, {"text_embeds": pooled})
+
+    def _forward(self, network: Any, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        from diffusers import FluxPipeline
+
+        assert cond.added is not None
+        b, c, h, w = x.shape
+        packed = FluxPipeline._pack_latents(x, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        txt_ids = torch.zeros(cond.hidden_states.shape[1], 3, device=x.device, dtype=x.dtype)
+        guidance = None
+        if getattr(network.config, "guidance_embeds", False):
+            guidance = torch.full((b,), float(self.guidance), device=x.device, dtype=torch.float32)
+        out = network(hidden_states=packed, timestep=timestep, guidance=guidance,
+                      pooled_projections=cond.added["text_embeds"], encoder_hidden_states=cond.hidden_states,
+                      txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor,
+                                            self.vae_scale_factor)
+
+
+FLOW_FAMILIES: dict[str, type[FlowAdapter]] = {"sd3": SD3Adapter, "flux": FluxAdapter}
+T5_MAX_LENGTH = {"sd3": 256, "flux": 512}
+"""The pipelines' default ``max_sequence_length`` (StableDiffusion3Pipeline 256, FluxPipeline 512)."""
+
+
+def flow_family_of(class_name: str) -> str | None:
+    """``sd3`` / ``flux`` for a pipeline class name of model_index.json (``StableDiffusion3*``, ``Flux*``)."""
+    if class_name.startswith("StableDiffusion3"):
+        return "sd3"
+    if class_name.startswith("Flux"):
+        return "flux"
+    return None
+
+
+def training_sigmas(scheduler: Any) -> Tensor:
+    """The scheduler's training sigmas in ascending order (``sigmas[t]``, ``t = 0 .. T-1``)."""
+    return scheduler.sigmas.float().flip(0).clone()
+
+
+def make_flow_adapter(family: str, *, unet: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
+                      scheduler: Any, resolution: int | None = None, source: str = "",
+                      unet_config: Any = None) -> FlowAdapter:
+    """An adapter over built components; ``scheduler`` is the pipeline's ``FlowMatchEulerDiscreteScheduler``
+    (rebuilt from its config, so a pipeline's ``set_timesteps`` does not matter)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sigmas = training_sigmas(FlowMatchEulerDiscreteScheduler.from_config(scheduler.config))
+    if resolution is None:
+        resolution = flow_resolution(family, vae.config, unet_config if unet_config is not None else unet.config)
+    abar = (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2)
+    t5 = tokenizers[-1]
+    max_len = min(T5_MAX_LENGTH[family], int(getattr(t5, "model_max_length", T5_MAX_LENGTH[family])))
+    return FLOW_FAMILIES[family](
+        unet=unet, vae=vae, text_encoders=list(text_encoders), tokenizers=list(tokenizers), alphas_cumprod=abar,
+        prediction_type="flow", resolution=resolution, source=source, sigmas=sigmas, max_sequence_length=max_len)
+
+
+def flow_resolution(family: str, vae_config: Any, transformer_config: Any) -> int:
+    """SD3: the transformer's ``sample_size`` times the VAE factor (128 x 8 = 1024); FLUX, whose
+    transformer has no size, the VAE's ``sample_size`` (1024 for FLUX.1)."""
+    def get(cfg: Any, key: str) -> Any:
+        return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
+
+    if family == "sd3":
+        return int(get(transformer_config, "sample_size")) * 2 ** (len(get(vae_config, "block_out_channels")) - 1)
+    return int(get(vae_config, "sample_size"))
+
+
+def load_flow_family(model: str, name: str, *, vae: str | None, unet: str | None, revision: str | None,
+                     variant: str | None, dtype: torch.dtype, with_unet: bool) -> FlowAdapter:
+    """The components of a ``StableDiffusion3Pipeline`` / ``FluxPipeline`` folder or hub id (see ``load_family``)."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    from smpo.models.family import _transformers_dtype_kwarg, diffusers_dtype_kwarg
+
+    cls = FLOW_FAMILIES[name]
+    network_cls = getattr(diffusers, cls.network_class)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
+    if not with_unet:
+        network, network_config = None, network_cls.load_config(model, subfolder="transformer", revision=revision)
+    else:
+        repo, sub = (model, "transformer") if unet is None else (unet, _network_subfolder(unet))
+        network = network_cls.from_pretrained(repo, subfolder=sub, revision=revision, variant=variant,
+                                              **diffusers_dtype_kwarg(dtype))
+        network_config = network.config
+    vae_repo, vae_sub = (str(vae), None) if vae is not None else (model, "vae")
+    vae_model = AutoencoderKL.from_pretrained(vae_repo, subfolder=vae_sub, revision=revision,
+                                              variant=None if vae is not None else variant, **diffusers_dtype_kwarg(dtype))
+    text = _transformers_dtype_kwarg(dtype)
+
+    def load(kind: Any, sub: str) -> Any:
+        return kind.from_pretrained(model, subfolder=sub, revision=revision, variant=variant, **text)
+
+    if name == "sd3":
+        subs = ("tokenizer", "tokenizer_2", "tokenizer_3")
+        encoders = [load(CLIPTextModelWithProjection, "text_encoder"), load(CLIPTextModelWithProjection, "text_encoder_2"),
+                    load(T5EncoderModel, "text_encoder_3")]
+    else:
+        subs = ("tokenizer", "tokenizer_2")
+        encoders = [load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2")]
+    tokenizers = [AutoTokenizer.from_pretrained(model, subfolder=sub, revision=revision) for sub in subs]
+    for module in [m for m in (network, vae_model, *encoders) if m is not None]:
+        module.requires_grad_(False)
+        module.eval()
+    return make_flow_adapter(name, unet=network, vae=vae_model, text_encoders=encoders, tokenizers=tokenizers,
+                             scheduler=scheduler, source=model, unet_config=network_config)
+
+
+def _network_subfolder(path: str | os.PathLike) -> str | None:
+    """``transformer`` when ``path`` is a pipeline folder (or an `smpo train` run's ``final/``), else None."""
+    local = Path(path)
+    return "transformer" if (local / "transformer").is_dir() else None
