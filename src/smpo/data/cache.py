@@ -384,7 +384,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or any source the pair reader takes")
     parser.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (its VAE and text encoders)")
     parser.add_argument("--output", "--out", dest="out", required=True, help="output folder")
-    parser.add_argument("--family", default="auto", choices=["auto", "sd15", "sdxl"], help="model family (default: auto)")
+    parser.add_argument("--family", default="auto", choices=["auto", "sd15", "sdxl", "sd3", "flux"],
+                        help="model family (default: auto, from model_index.json)")
     parser.add_argument("--vae", default=None, help="separate VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix)")
     parser.add_argument("--revision", default=None, help="hub revision of --model")
     parser.add_argument("--variant", default=None, help="weights variant of --model (e.g. fp16)")

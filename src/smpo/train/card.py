@@ -18,8 +18,8 @@ def model_card(config: Any, family: str, *, kind: str, steps: int, metrics: dict
     """README.md text: YAML metadata (base model, licence, tags), then method, data, the full
     training config, the last training metrics and the evaluation figures if there are any.
 
-    ``kind``: ``unet`` (full weights: ``UNet2DConditionModel.from_pretrained``) or ``lora``
-    (``pipeline.load_lora_weights``).
+    ``kind``: ``unet`` / ``transformer`` (full weights: the family's network class
+    ``.from_pretrained``) or ``lora`` (``pipeline.load_lora_weights``).
     """
     objective = config.objective.resolved()
     base = config.model.pretrained
@@ -28,18 +28,21 @@ def model_card(config: Any, family: str, *, kind: str, steps: int, metrics: dict
         "license_name": "same-as-base-model",
         "tags": ["text-to-image", "diffusers", "smpo", objective.method, family, kind],
     }
-    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    from smpo.models.family import FAMILIES
+
+    adapter = FAMILIES[family]
+    pipeline, network_class, network = adapter.pipeline_class, adapter.network_class, adapter.network_folder
     if kind == "lora":
         usage = (f"pipe = {pipeline}.from_pretrained(\"{base}\")\n"
                  "pipe.load_lora_weights(\"THIS_FOLDER_OR_REPO\")")
     else:
-        usage = (f"unet = UNet2DConditionModel.from_pretrained(\"THIS_FOLDER_OR_REPO\")\n"
-                 f"pipe = {pipeline}.from_pretrained(\"{base}\", unet=unet)")
+        usage = (f"{network} = {network_class}.from_pretrained(\"THIS_FOLDER_OR_REPO\")\n"
+                 f"pipe = {pipeline}.from_pretrained(\"{base}\", {network}={network})")
     data = config.data.cache or config.data.dataset
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
         f"# {METHOD_NAMES.get(objective.method, objective.method)} fine-tune of `{base}`", "",
-        f"{'LoRA adapters' if kind == 'lora' else 'Full UNet weights'} trained with "
+        f"{'LoRA adapters' if kind == 'lora' else 'Full ' + {'unet': 'UNet'}.get(network, network) + ' weights'} trained with "
         f"smpo `smpo train` ({steps} optimizer steps).", "",
         "## Method", "",
         f"- method: `{objective.method}` ({METHOD_NAMES.get(objective.method, '')}"
@@ -47,7 +50,7 @@ def model_card(config: Any, family: str, *, kind: str, steps: int, metrics: dict
         f"- noising: `{objective.noising}`, labels: `{objective.labels}`, beta: {objective.beta:g}"
         + (f", gamma: {objective.gamma:g}" if objective.method == "smpo" else ""),
         "", "## Data", "", f"- `{data}` (`{'smpo cache' if config.data.cache else 'smpo label'}` output)", "",
-        "## Use", "", "```python", f"from diffusers import {pipeline}, UNet2DConditionModel", "", usage, "```", "",
+        "## Use", "", "```python", f"from diffusers import {pipeline}, {network_class}", "", usage, "```", "",
         "## Training config", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).strip(), "```", "",
     ]
     if metrics:

@@ -9,7 +9,8 @@ complete, so a killed run never leaves a half-written folder that ``--resume`` c
 The final export is what other tools load:
 
 - full fine-tuning: ``<run>/final/unet/``, a folder that ``UNet2DConditionModel.from_pretrained``
-  loads (drop it into a pipeline as ``unet=``);
+  loads (drop it into a pipeline as ``unet=``); for SD3 / FLUX ``<run>/final/transformer/``
+  (``SD3Transformer2DModel`` / ``FluxTransformer2DModel``, the pipeline's ``transformer=``);
 - LoRA: ``<run>/final/lora/pytorch_lora_weights.safetensors`` in diffusers' format, loaded by
   ``pipeline.load_lora_weights("<run>/final/lora")``.
 """
@@ -118,19 +119,22 @@ def export_lora(unet: Any, folder: str | os.PathLike, family: str, state_dict: d
     The adapter's config (rank, alpha, target modules) is stored in the file's metadata so that
     ``pipeline.load_lora_weights`` restores the same scale.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     from smpo.io import atomic_path
+    from smpo.models.family import FAMILIES
 
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_cls = getattr(diffusers, FAMILIES[family].pipeline_class)
+    network = FAMILIES[family].network_folder  # the keyword prefix: unet_lora_layers / transformer_lora_layers
     peft_config = getattr(unet, "peft_config", {})
     metadata = next(iter(peft_config.values())).to_dict() if peft_config else None
     if metadata is not None:
         metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     folder = Path(folder)
     with atomic_path(folder) as tmp:
-        pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(unet, state_dict), safe_serialization=True,
-                                       unet_lora_adapter_metadata=metadata)
+        pipeline_cls.save_lora_weights(tmp, safe_serialization=True,
+                                       **{f"{network}_lora_layers": lora_state_dict(unet, state_dict),
+                                          f"{network}_lora_adapter_metadata": metadata})
     return folder
 
 

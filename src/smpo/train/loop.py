@@ -59,7 +59,7 @@ class TrainResult:
     config: TrainConfig
     """The resolved config (also saved as ``run_dir/config.yaml`` and in every checkpoint)."""
     family: str
-    """``sd15`` or ``sdxl``."""
+    """``sd15``, ``sdxl``, ``sd3`` or ``flux``."""
     step: int
     """Optimizer steps done in total (including those before a resume)."""
     metrics: list[dict[str, float]] = field(default_factory=list)
@@ -67,7 +67,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     """The checkpoint folders kept, oldest first."""
     export: Path | None = None
-    """``run_dir/final/unet`` (full fine-tuning) or ``run_dir/final/lora`` (LoRA)."""
+    """``run_dir/final/unet`` (full fine-tuning; ``final/transformer`` for SD3/FLUX) or ``run_dir/final/lora`` (LoRA)."""
 
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -392,7 +392,10 @@ def export(accelerator: Any, policy: Any, run_dir: Path, config: TrainConfig, fa
     Every process calls this: under FSDP or DeepSpeed ZeRO-3 the weights are gathered from the
     processes' shards first; the main process writes.
     """
-    folder = run_dir / "final" / ("lora" if config.model.finetune == "lora" else "unet")
+    from smpo.models.family import FAMILIES
+
+    network = FAMILIES[family].network_folder  # unet, or transformer for SD3/FLUX
+    folder = run_dir / "final" / ("lora" if config.model.finetune == "lora" else network)
     state = accelerator.get_state_dict(policy)
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(policy)
@@ -403,7 +406,7 @@ def export(accelerator: Any, policy: Any, run_dir: Path, config: TrainConfig, fa
         (run_dir / "final" / CONFIG_FILE).write_text(dump_config(config))
         from smpo.train.card import model_card
 
-        (folder / "README.md").write_text(model_card(config, family, kind=config.model.finetune.replace("full", "unet"),
+        (folder / "README.md").write_text(model_card(config, family, kind=config.model.finetune.replace("full", network),
                                                      steps=step, metrics=metrics))
     accelerator.wait_for_everyone()
     return folder
