@@ -131,3 +131,18 @@ def test_exports_load_into_the_diffusers_pipeline_and_generate(family, flow_pipe
         assert (image - base).abs().max() > 1e-3, finetune  # the trained weights are in use
         card = (run / "final" / ("lora" if finetune == "lora" else "transformer") / "README.md").read_text()
         assert cls.__name__ in card
+
+
+@pytest.mark.parametrize("family", FLOW)
+def test_the_flow_recipes_run_on_the_tiny_model(family, flow_pipelines, labelled, tmp_path):
+    from smpo.train import load_config
+
+    for method in METHODS:
+        config = load_config(Path(__file__).resolve().parents[2] / "configs" / family / f"{method}.yaml")
+        config.model.pretrained, config.data.dataset = str(flow_pipelines[family]), str(labelled)
+        config.run.output_dir, config.run.progress, config.run.checkpoint_every = str(tmp_path / method), False, 0
+        config.run.mixed_precision = "no"
+        config.model.lora_rank = 4
+        config.optim.max_steps, config.optim.gradient_accumulation_steps = 1, 1
+        result = train(config)
+        assert math.isfinite(result.metrics[0]["loss"]) and result.export is not None and result.export.is_dir()
