@@ -48,13 +48,13 @@ class GenerateConfig:
     """Settings of `smpo generate` (each field is one command-line option)."""
 
     model: str
-    """Base model: a diffusers pipeline folder or hub id (SD1.5 or SDXL family)."""
+    """Base model: a diffusers pipeline folder or hub id (SD1.5, SDXL, SD3 or FLUX family)."""
     prompts: str
     """Prompt set: parti, hpdv2, an HPDv2 benchmark folder, or a .txt/.json/.jsonl/.tsv/.csv file."""
     out: str
     """Output folder."""
     unet: str | None = None
-    """Trained output: a full UNet folder (or its parent with unet/) or a diffusers LoRA folder."""
+    """Trained output: a full UNet or SD3/FLUX transformer folder (or its parent with unet/ or transformer/) or a diffusers LoRA folder."""
     lora_scale: float = 1.0
     """Weight of a LoRA given with --unet."""
     categories: list[str] | None = None

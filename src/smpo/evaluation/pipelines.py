@@ -1,15 +1,16 @@
 """Load a text-to-image pipeline for evaluation: a base model, optionally with a trained UNet or LoRA,
 a different scheduler, or a ControlNet.
 
-- The base model is a diffusers pipeline folder or hub id; its family (``sd15`` or ``sdxl``) is read
-  from ``model_index.json`` (``StableDiffusionXL...`` class names are SDXL).
-- A trained output is either a full UNet (a folder with ``config.json`` of a
-  ``UNet2DConditionModel``, directly or in a ``unet/`` subfolder, loaded with
-  ``UNet2DConditionModel.from_pretrained``) or a LoRA in the diffusers format
+- The base model is a diffusers pipeline folder or hub id; its family (``sd15``, ``sdxl``, ``sd3``
+  or ``flux``) is read from the pipeline class named in ``model_index.json``, and the family's
+  adapter class names its pipeline class (``smpo.models.family.FAMILIES``).
+- A trained output is either a full network (a folder with ``config.json`` of a
+  ``UNet2DConditionModel``, or of an ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``,
+  directly or in a ``unet/`` or ``transformer/`` subfolder) or a LoRA in the diffusers format
   (``pytorch_lora_weights.safetensors``, directly or in a ``lora/`` subfolder, loaded with
   ``pipeline.load_lora_weights``). An `smpo train` run's ``final/`` folder is either.
-- A ControlNet (``ControlNetModel`` folder or hub id) turns the pipeline into the family's
-  ControlNet pipeline sharing the same components (``from_pipe``).
+- A ControlNet (``ControlNetModel`` folder or hub id; SD1.5 and SDXL) turns the pipeline into the
+  family's ControlNet pipeline sharing the same components (``from_pipe``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from typing import Any
 
 import torch
 
+from smpo.models.family import FAMILIES as _ADAPTERS
 from smpo.models.family import diffusers_dtype_kwarg
 
-FAMILIES = ("sd15", "sdxl")
-# Paper Appendix D: CFG 7.5 for SD1.5 and 5 for SDXL.
-FAMILY_GUIDANCE_SCALE = {"sd15": 7.5, "sdxl": 5.0}
+FAMILIES = tuple(_ADAPTERS)
+# Paper Appendix D: CFG 7.5 for SD1.5 and 5 for SDXL; the pipelines' defaults for SD3 (7) and FLUX
+# (its distilled guidance, 3.5).
+FAMILY_GUIDANCE_SCALE = {name: adapter.guidance_scale for name, adapter in _ADAPTERS.items()}
+CONTROLNET_FAMILIES = ("sd15", "sdxl")
 LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 
 SCHEDULERS = {
@@ -51,16 +55,21 @@ def _read_json(model: str | os.PathLike, filename: str, subfolder: str | None = 
 
 
 def detect_family(model: str | os.PathLike) -> str:
-    """``sd15`` or ``sdxl`` from the pipeline class named in ``model_index.json``."""
+    """``sd15``, ``sdxl``, ``sd3`` or ``flux`` from the pipeline class named in ``model_index.json``."""
     try:
         class_name = _read_json(model, "model_index.json")["_class_name"]
     except (FileNotFoundError, KeyError) as e:
         raise ValueError(f"{model}: not a diffusers pipeline (no usable model_index.json: {e})") from None
+    from smpo.models.flow import flow_family_of
+
+    flow = flow_family_of(class_name)
+    if flow is not None:
+        return flow
     if "StableDiffusionXL" in class_name:
         return "sdxl"
     if "StableDiffusion" in class_name:
         return "sd15"
-    raise ValueError(f"{model}: pipeline class {class_name!r} is neither an SD1.5 nor an SDXL pipeline")
+    raise ValueError(f"{model}: pipeline class {class_name!r} is neither an SD1.5, SDXL, SD3 nor a FLUX pipeline")
 
 
 def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: str | os.PathLike | None = None,
@@ -78,14 +87,21 @@ def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: 
     family = family or detect_family(model)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    adapter = _ADAPTERS[family]
+    if controlnet is not None and family not in CONTROLNET_FAMILIES:
+        raise ValueError(f"--controlnet is supported for {' and '.join(CONTROLNET_FAMILIES)} models, not {family}")
+    if scheduler and adapter.prediction_type_family != "diffusion":
+        raise ValueError(f"--scheduler swaps DDPM-family samplers; a {family} model samples with its flow-matching "
+                         "scheduler")
+    cls = getattr(diffusers, adapter.pipeline_class)
     kwargs: dict[str, Any] = diffusers_dtype_kwarg(dtype)
     if family == "sd15" and not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     trained = trained_output_kind(unet) if unet is not None else None
     if trained is not None and trained[0] == "unet":
-        kwargs["unet"] = load_trained_unet(unet, dtype=dtype)
+        kwargs[adapter.network_folder] = load_trained_unet(unet, dtype=dtype, network_class=adapter.network_class)
     pipe = cls.from_pretrained(model, **kwargs)
+    adapter.prepare_pipeline(pipe)
     if trained is not None and trained[0] == "lora":
         pipe.load_lora_weights(trained[1], adapter_name="trained")
         pipe.set_adapters(["trained"], adapter_weights=[lora_scale])
@@ -102,9 +118,10 @@ def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: 
 def trained_output_kind(path: str | os.PathLike) -> tuple[str, str, str | None]:
     """What a trained output holds: ``(kind, location, subfolder)``.
 
-    ``kind`` is ``unet`` (load ``location``/``subfolder`` with ``UNet2DConditionModel``) or ``lora``
-    (``load_lora_weights(location)``). Accepted layouts: a UNet folder (``config.json``), a folder
-    with ``unet/`` (a pipeline folder, or an `smpo train` run's ``final/``), a LoRA folder
+    ``kind`` is ``unet``, a full network (load ``location``/``subfolder`` with the family's network
+    class: ``UNet2DConditionModel``, or the SD3/FLUX transformer) or ``lora``
+    (``load_lora_weights(location)``). Accepted layouts: a network folder (``config.json``), a folder
+    with ``unet/`` or ``transformer/`` (a pipeline folder, or an `smpo train` run's ``final/``), a LoRA folder
     (``pytorch_lora_weights.safetensors``) or a folder with ``lora/`` holding one; local or on the hub.
     """
     location = str(path)
@@ -118,8 +135,9 @@ def trained_output_kind(path: str | os.PathLike) -> tuple[str, str, str | None]:
 
         def has(name: str) -> bool:
             return name in files
-    if has("unet/config.json"):
-        return "unet", location, "unet"
+    for sub in ("unet", "transformer"):
+        if has(f"{sub}/config.json"):
+            return "unet", location, sub
     if has("config.json"):
         return "unet", location, None
     for sub in ("", "lora/"):
@@ -129,14 +147,17 @@ def trained_output_kind(path: str | os.PathLike) -> tuple[str, str, str | None]:
                      f"({' / '.join(LORA_FILES)}, or lora/ holding one)")
 
 
-def load_trained_unet(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
-    """A full trained UNet from ``path`` or ``path/unet``."""
-    from diffusers import UNet2DConditionModel
+def load_trained_unet(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                      network_class: str = "UNet2DConditionModel"):
+    """A full trained network from ``path``, ``path/unet`` or ``path/transformer`` (``network_class``:
+    the family's, e.g. ``SD3Transformer2DModel``)."""
+    import diffusers
 
     kind, location, subfolder = trained_output_kind(path)
     if kind != "unet":
         raise ValueError(f"{path} holds a LoRA, not a full UNet")
-    return UNet2DConditionModel.from_pretrained(location, subfolder=subfolder, **diffusers_dtype_kwarg(dtype))
+    return getattr(diffusers, network_class).from_pretrained(location, subfolder=subfolder,
+                                                             **diffusers_dtype_kwarg(dtype))
 
 
 def make_scheduler(name: str, config: Any):

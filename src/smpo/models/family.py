@@ -176,6 +176,12 @@ class FamilyAdapter:
     (``unet_lora_layers`` / ``transformer_lora_layers`` of ``save_lora_weights``)."""
     guidance_scale: ClassVar[float] = 7.5
     """Default CFG of ``smpo generate`` (paper Appendix D: 7.5 for SD1.5, 5 for SDXL)."""
+    prediction_type_family: ClassVar[str] = "diffusion"
+    """``diffusion`` (eps / v prediction, DDPM-family samplers) or ``flow`` (velocity, flow matching)."""
+
+    @classmethod
+    def prepare_pipeline(cls, pipe: Any) -> None:
+        """Family-specific settings of a loaded diffusers pipeline for ``smpo generate`` (none here)."""
 
     unet: Any
     vae: Any

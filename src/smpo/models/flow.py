@@ -55,6 +55,7 @@ class FlowAdapter(FamilyAdapter):
     timestep_scale: ClassVar[float] = 1.0
     """The transformer's ``timestep`` input is ``sigma * timestep_scale``."""
     pipeline_class: ClassVar[str] = ""
+    prediction_type_family: ClassVar[str] = "flow"
 
     def __post_init__(self) -> None:
         if self.prediction_type != "flow":
@@ -216,6 +217,12 @@ class FluxAdapter(FlowAdapter):
     network_class: ClassVar[str] = "FluxTransformer2DModel"
     network_folder: ClassVar[str] = "transformer"
     guidance_scale: ClassVar[float] = 3.5  # FluxPipeline's default (distilled) guidance
+
+    @classmethod
+    def prepare_pipeline(cls, pipe: Any) -> None:
+        """FluxPipeline's default size is ``128 x vae factor`` whatever the model; make it the
+        family's training resolution, the VAE's ``sample_size`` (1024 for FLUX.1 either way)."""
+        pipe.default_sample_size = int(pipe.vae.config.sample_size) // pipe.vae_scale_factor
 
     def _text_components(self) -> dict[str, Any]:
         te, tok = self.text_encoders, self.tokenizers
