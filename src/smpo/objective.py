@@ -28,6 +28,7 @@ from torch import Tensor
 from smpo.inversion import finish_from_levels, implied_noise, renoise_invert
 from smpo.losses import LOSSES, LossOutput, per_sample_mse
 from smpo.models.family import Conditioning, FamilyAdapter
+from smpo.models.lora import inference_view
 
 Method = Literal["smpo", "dpo", "kto", "mapo", "sft"]
 Noising = Literal["forward", "ddim-inversion", "renoise"]
@@ -320,6 +321,10 @@ def compute_loss(family: FamilyAdapter, policy: Any, reference: Any | None, batc
     if cfg.needs_reference and reference is None:
         raise ValueError(f"method {cfg.method} (inverting with {cfg.inverting_network}) needs a reference network")
     inverter = policy if cfg.inverting_network == "policy" else reference
+    if inverter is policy and cfg.noising != "forward":
+        # LoRA: the no-grad inversion calls run with the adapters folded into the weights
+        # (each call then costs what the base network costs; equal up to rounding).
+        inverter = inference_view(policy)
     if cfg.method == "kto":
         images = batch if isinstance(batch, ImageBatch) else batch.to_images()
         return _kto(family, policy, reference, inverter, images, cfg, mean_over_processes)
