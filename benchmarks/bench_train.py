@@ -9,7 +9,10 @@ Rows:
 
 - ``smpo``: our SmPO with the authors' inversion settings (their grid, ``land_on_t=False``, one
   renoise iteration, 5 grid steps for SD1.5 and 10 for SDXL), inverting with the policy.
-- ``smpo-land-on-t``: the same with our default, the inversion ending exactly at ``t``.
+- ``smpo-land-on-t``: the same with the inversion ending exactly at ``t`` (the paper's Eq. 13).
+- ``smpo-cached``, ``smpo-land-on-t-cached``: the same two with the reference inverting and its
+  inversion read from the cache (``smpo cache --store-inversion``, ``data.cached_inversion``): the
+  stored levels are computed before each step, untimed, as the cache would hold them.
 - ``dpo``, ``kto``, ``mapo``, ``sft``: the baselines (forward noising). KTO's pair is its two images.
 - ``authors-recipe`` (full mode only): what the authors' script does each step: one pair, the VAE
   and the text encoder run every step, two full UNets (trainable policy + separate frozen
@@ -67,7 +70,9 @@ from smpo.models import (  # noqa: E402
 )
 from smpo.objective import ObjectiveConfig, PairBatch, compute_loss  # noqa: E402
 
-METHODS = ("smpo", "smpo-land-on-t", "dpo", "kto", "mapo", "sft", "authors-recipe")
+METHODS = ("smpo", "smpo-land-on-t", "smpo-cached", "smpo-land-on-t-cached", "dpo", "kto", "mapo", "sft",
+           "authors-recipe")
+SMPO_ROWS = ("smpo", "smpo-land-on-t", "smpo-cached", "smpo-land-on-t-cached")
 MODES = ("full", "lora")
 AUTHORS_GRID = {"sd15": 5, "sdxl": 10}  # the authors' inversion grid per family (ALGORITHM.md section 6)
 PRESET_FAMILIES = {"tiny": ("sd15", "sdxl"), "sd15": ("sd15",), "sdxl": ("sdxl",)}
@@ -116,6 +121,10 @@ class Row:
     last_loss: float
     objective: dict[str, Any]
     timers: dict[str, float] = field(default_factory=dict)
+    frozen_eval_seconds: float = float("nan")
+    """Seconds per sample of one no-grad call of the frozen network (the reference copy in full
+    mode, the adapters-off view in LoRA mode) on a batch of 2 x pairs-per-step latents: the unit of
+    the SmPO rows' floor."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +157,9 @@ def objective_for(method: str, family: str) -> ObjectiveConfig:
         return ObjectiveConfig(method="smpo", inversion_steps=grid, renoise_iters=1, land_on_t=False)
     if method == "smpo-land-on-t":
         return ObjectiveConfig(method="smpo", inversion_steps=grid, renoise_iters=1, land_on_t=True)
+    if method in ("smpo-cached", "smpo-land-on-t-cached"):
+        return ObjectiveConfig(method="smpo", inversion_steps=grid, renoise_iters=1, inverting_network="reference",
+                               land_on_t=method == "smpo-land-on-t-cached")
     return ObjectiveConfig(method=method)
 
 
@@ -212,6 +224,45 @@ def _authors_batch(fam: FamilyAdapter, seed: int, device: torch.device, generato
                      p_win=torch.full((1,), 0.65, device=device), seeds=[seed])
 
 
+def _store_inversion(fam: FamilyAdapter, reference: Any, batch: PairBatch, cfg: ObjectiveConfig) -> None:
+    """Attach the reference's inversion at the grid levels, fp16 as ``smpo cache`` stores it; the
+    family's counters and timers are put back (the cache is made before training)."""
+    from smpo.inversion import invert_to_levels
+
+    counters, saved_output = (fam.unet_evals, fam.unet_calls), fam.unet_output
+    fam.unet_output = type(fam).unet_output.__get__(fam)  # untimed
+    try:
+        with torch.no_grad():
+            stored = [invert_to_levels(fam.eps_fn(reference, batch.cond), x0, fam.alphas_cumprod,
+                                       num_steps=cfg.inversion_steps, renoise_iters=cfg.renoise_iters,
+                                       land_on_t=cfg.land_on_t, initial_abar=fam.initial_abar).half().float()
+                      for x0 in (batch.latents_w, batch.latents_l)]
+    finally:
+        fam.unet_output = saved_output  # type: ignore[method-assign]
+        fam.unet_evals, fam.unet_calls = counters
+    batch.inverted_w, batch.inverted_l = stored
+
+
+def frozen_eval_seconds(fam: FamilyAdapter, reference: Any, cond: Conditioning, samples: int, device: torch.device,
+                        dtype: torch.dtype, repeats: int = 8) -> float:
+    """Median seconds per sample of one no-grad call of ``reference`` on ``samples`` latents."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(samples, fam.latent_channels, fam.latent_size, fam.latent_size, generator=g).to(device)
+    t = torch.randint(0, fam.num_timesteps, (samples,), generator=g).to(device)
+    c = cond.index([0] * samples).to(device)
+    times = []
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        for k in range(repeats + 2):
+            _sync(device)
+            start = time.perf_counter()
+            type(fam).unet_output(fam, reference, x, t, c)
+            _sync(device)
+            if k >= 2:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) / samples
+
+
 def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, free_encoders: bool = False) -> Row:
     """Time one (method, mode) row. ``free_encoders``: drop the VAE and text encoders for rows that
     read the cache (a one-row process measuring its peak RSS)."""
@@ -265,6 +316,11 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
                 batch = _authors_batch(fam, seeds[0], device, generator, timers)
             else:
                 batch = _cached_batch(latent_shape, cond, seeds, device, generator)  # type: ignore[arg-type]
+                if method.endswith("-cached"):
+                    mark = time.perf_counter()
+                    with autocast:
+                        _store_inversion(fam, reference, batch, cfg.resolved())
+                    start += time.perf_counter() - mark  # made by `smpo cache`, not by the step
             with autocast:
                 out = compute_loss(fam, policy, reference, batch, cfg)
             _sync(device)
@@ -289,6 +345,11 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_rss_process"
     inside = timers.unet_forward + timers.backward + timers.optimizer
+    frozen = float("nan")
+    if not authors and reference is not None:
+        counters = fam.unet_evals, fam.unet_calls
+        frozen = frozen_eval_seconds(fam, reference, cond, 2 * per_step, device, dtype)  # type: ignore[arg-type]
+        fam.unet_evals, fam.unet_calls = counters
     row = Row(
         family=settings.family, preset=settings.preset, mode=mode, method=method, pairs_per_step=per_step,
         pairs=pairs, seconds_per_pair=statistics.median(step_times) / per_step,
@@ -296,7 +357,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
         unet_calls_per_pair=fam.unet_calls / pairs, peak_memory_gib=peak, memory_kind=kind,
         share_outside_unet=(timers.total - inside - timers.encode) / timers.total if timers.total else 0.0,
         last_loss=last_loss, objective=asdict(cfg.resolved()),
-        timers={k: v / pairs for k, v in asdict(timers).items()},
+        timers={k: v / pairs for k, v in asdict(timers).items()}, frozen_eval_seconds=frozen,
     )
     del optimizer, reference, params
     gc.collect()
@@ -373,32 +434,52 @@ def markdown(results: dict[str, Any]) -> str:
              f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}; "
              f"dtype {results['dtype']}, gradient checkpointing {results['gradient_checkpointing']}, "
              f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up.", "",
-             "| family | mode | method | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | peak memory (GiB) | time outside UNet+optimizer |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| family | mode | method | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
+             "peak memory (GiB) | time outside UNet+optimizer | floor s/pair | x floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    floors = floor_of(rows)
     for r in rows:
+        floor = floors.get((r["family"], r["mode"], r["method"]))
+        tail = f"| {floor:.4f} | {r['seconds_per_pair'] / floor:.2f}x |" if floor else "| | |"
         lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['pairs_per_step']} | {r['seconds_per_pair']:.4f} "
                      f"| {r['seconds_per_pair_mean']:.4f} | {r['unet_evals_per_pair']:.1f} | {r['peak_memory_gib']:.2f} "
-                     f"| {100 * r['share_outside_unet']:.1f}% |")
+                     f"| {100 * r['share_outside_unet']:.1f}% {tail}")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | | | |")
     lines += ["", "Memory: " + ("CUDA max_memory_allocated per row." if rows and rows[0]["memory_kind"].startswith("cuda")
                                 else "peak RSS of a fresh process per row (includes building the model)."),
               "Seconds per pair: the median step time (robust to a shared machine's stalls) over the "
               "pairs of a step; the mean is beside it. UNet evals count forward sample-evaluations (a call on 4 latents counts 4); KTO's pair is its two "
               "images. 'Time outside' is the share of the step spent neither in UNet forward calls, the backward "
-              "pass, the optimizer step nor (authors-recipe) the VAE/text encoding.", ""]
+              "pass, the optimizer step nor (authors-recipe) the VAE/text encoding.",
+              "Floor (SmPO rows): the same run's DPO time per pair plus the row's extra UNet evaluations per pair "
+              "(above DPO's) times the row's measured cost of one no-grad evaluation of the frozen network per "
+              "sample (reference copy in full mode, adapters-off view in LoRA mode; `frozen_eval_seconds` in the "
+              "JSON): what SmPO must compute beyond DPO, at the best per-sample price.", ""]
     lines += _ratios(rows)
     return "\n".join(lines) + "\n"
+
+
+def floor_of(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], float]:
+    """Each SmPO row's floor in seconds per pair (see the markdown's note), keyed by (family, mode, method)."""
+    dpo = {(r["family"], r["mode"]): r for r in rows if r["method"] == "dpo"}
+    floors = {}
+    for r in rows:
+        base = dpo.get((r["family"], r["mode"]))
+        if r["method"] in SMPO_ROWS and base is not None and r.get("frozen_eval_seconds") == r.get("frozen_eval_seconds"):
+            extra = max(r["unet_evals_per_pair"] - base["unet_evals_per_pair"], 0.0)
+            floors[r["family"], r["mode"], r["method"]] = base["seconds_per_pair"] + extra * r["frozen_eval_seconds"]
+    return floors
 
 
 def _ratios(rows: list[dict[str, Any]]) -> list[str]:
     by = {(r["family"], r["mode"], r["method"]): r["seconds_per_pair"] for r in rows}
     out = ["Ratios (median step times):", ""]
     for (family, mode, method), seconds in sorted(by.items()):
-        if method in ("smpo", "smpo-land-on-t") and (family, mode, "dpo") in by:
+        if method in SMPO_ROWS and (family, mode, "dpo") in by:
             out.append(f"- {family} {mode}: {method} / dpo time per pair = {seconds / by[family, mode, 'dpo']:.2f}x")
-        if method in ("smpo", "smpo-land-on-t") and (family, "full", "authors-recipe") in by:
+        if method in SMPO_ROWS and (family, "full", "authors-recipe") in by:
             out.append(f"- {family} {mode}: authors-recipe / {method} time per pair = "
                        f"{by[family, 'full', 'authors-recipe'] / seconds:.2f}x")
     return out if len(out) > 2 else []

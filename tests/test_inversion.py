@@ -280,3 +280,39 @@ def test_inpo_step_noise_by_hand():
         torch.testing.assert_close(got[i:i + 1], x, atol=1e-6, rtol=1e-6)
     plain = renoise_invert(nonlinear_eps, x0, t, ABAR, num_steps=5, land_on_t=False, initial_abar=float(ABAR[0]))
     assert not torch.allclose(got, plain)
+
+
+@pytest.mark.parametrize("land_on_t", [True, False])
+@pytest.mark.parametrize("renoise_iters", [0, 1, 2])
+def test_finishing_from_stored_levels_equals_the_full_inversion(land_on_t, renoise_iters):
+    from smpo.inversion import finish_from_levels, invert_to_levels, stored_levels
+
+    x0 = torch.randn(12, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    # every region: at and around each grid level, below the first, above the last
+    t = torch.tensor([0, 1, 2, 150, 200, 201, 202, 400, 601, 800, 801, 999])
+    kw = dict(num_steps=5, renoise_iters=renoise_iters, land_on_t=land_on_t)
+    initial = float(ABAR[0])
+    stored = invert_to_levels(nonlinear_eps, x0, ABAR, initial_abar=initial, **kw)
+    assert stored.shape == (12, 5, 2, 3)
+    assert stored_levels(5, 1000).tolist() == [1, 201, 401, 601, 801]
+    calls = []
+
+    def counting(x, tt):
+        calls.append(x.shape[0])
+        return nonlinear_eps(x, tt)
+
+    got = finish_from_levels(counting, x0, stored, t, ABAR, **kw)
+    expected = renoise_invert(nonlinear_eps, x0, t, ABAR, initial_abar=initial, **kw)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    # the authors' grid needs no network; landing on t takes one renoised step for every sample
+    assert calls == ([] if not land_on_t else [12] * (renoise_iters + 1))
+    half = finish_from_levels(counting, x0, stored.half(), t, ABAR, **kw)  # as `smpo cache` stores them
+    assert (half - expected).abs().max() < 5e-3
+
+
+def test_finish_from_levels_checks_shapes():
+    from smpo.inversion import finish_from_levels
+
+    with pytest.raises(ValueError, match="do not fit"):
+        finish_from_levels(None, torch.zeros(2, 3), torch.zeros(2, 4, 3), torch.tensor([5, 6]), ABAR, num_steps=5,
+                           land_on_t=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -306,3 +307,33 @@ def test_inversion_noise_is_seeded_per_image_and_off_by_default():
         ObjectiveConfig(method="dpo", inversion_noise=0.1).resolved()  # forward noising has no inversion
     with pytest.raises(ValueError, match="inversion_noise"):
         ObjectiveConfig(inversion_noise=-1.0).resolved()
+
+
+@pytest.mark.parametrize("land_on_t", [True, False])
+@pytest.mark.parametrize("method", ["smpo", "kto"])
+def test_stored_reference_inversion_gives_the_live_losses(land_on_t, method):
+    from smpo.inversion import invert_to_levels
+
+    family, reference = _family(), StandIn(0.2)
+    batch = _batch()
+    cfg = ObjectiveConfig(method=method, beta=20.0, noising="renoise", inverting_network="reference",
+                          land_on_t=land_on_t, inversion_steps=4)
+    live = compute_loss(family, StandIn(0.3), reference, batch, cfg).losses
+    stored = []
+    for latents in (batch.latents_w, batch.latents_l):
+        states = batch.cond.hidden_states
+        eps_fn = family.eps_fn(reference, Conditioning(states))
+        stored.append(invert_to_levels(eps_fn, latents, family.alphas_cumprod, num_steps=4, renoise_iters=1,
+                                       land_on_t=land_on_t, initial_abar=family.initial_abar))
+    batch.inverted_w, batch.inverted_l = stored
+    reference.calls.clear()
+    cached = compute_loss(family, StandIn(0.3), reference, batch, cfg).losses
+    torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
+    # one renoised step to t (2 calls) or nothing left, then the loss's call
+    assert len(reference.calls) == (2 if land_on_t else 0) + 1
+    batch.inverted_w = batch.inverted_w.clone()
+    batch.inverted_w[0] = float("nan")  # no stored inversion for this image (flipped, prompt dropped): live
+    mixed = compute_loss(family, StandIn(0.3), reference, batch, cfg).losses
+    torch.testing.assert_close(mixed, live, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="inverting_network=reference"):
+        compute_loss(family, StandIn(0.3), reference, batch, replace(cfg, inverting_network="policy"))

@@ -116,6 +116,28 @@ def _per_sample_randn(shape: torch.Size, rows: Tensor, generators: Sequence[torc
     return torch.stack([torch.randn(tuple(shape), generator=generators[int(r)]) for r in rows.tolist()])
 
 
+def _predictor(eps_fn: EpsFn) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``predict(x, levels, rows)``: ``eps_fn`` called on the rows ``rows`` of the full batch."""
+    if _accepts_index(eps_fn):
+        return lambda x, levels, rows: eps_fn(x, levels, index=rows)
+    return lambda x, levels, rows: eps_fn(x, levels)
+
+
+def _renoise_step(predict: Callable[[Tensor, Tensor, Tensor], Tensor], x_s: Tensor, rows: Tensor, frm: Tensor,
+                  to: Tensor, eval_at: Tensor, alphas_cumprod: Tensor, renoise_iters: int,
+                  start_abar: float = 1.0) -> Tensor:
+    """One ReNoise step (Eq. 14) of ``x_s`` (the rows ``rows``) from levels ``frm`` to ``to``, the
+    noise estimated at ``eval_at``: ``renoise_iters`` re-evaluations, each re-stepping from ``x_s``
+    with the mean of the estimates so far."""
+    abar_s, abar_to = _abar(alphas_cumprod, frm, start_abar), _abar(alphas_cumprod, to)
+    eps_sum = predict(x_s, eval_at, rows)
+    x_new = ddim_step(x_s, eps_sum, abar_s, abar_to)
+    for i in range(1, renoise_iters + 1):
+        eps_sum = eps_sum + predict(x_new, eval_at, rows)
+        x_new = ddim_step(x_s, eps_sum / (i + 1), abar_s, abar_to)
+    return x_new
+
+
 def inversion_grid(num_steps: int, num_train_timesteps: int, *, land_on_t: bool = True,
                    steps_offset: int = 1) -> Tensor:
     """The levels a step of the inversion lands on (``land_on_t=True``), or the authors' UNet-call
@@ -175,12 +197,7 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
     grid = inversion_grid(num_steps, T, land_on_t=land_on_t, steps_offset=steps_offset).to(x0.device)
     ratio = T // num_steps
     start_abar = 1.0 if land_on_t else float(initial_abar)
-    with_index = _accepts_index(eps_fn)
-
-    def predict(x: Tensor, levels: Tensor, rows: Tensor) -> Tensor:
-        if with_index:
-            return eps_fn(x, levels, index=rows)
-        return eps_fn(x, levels)
+    predict = _predictor(eps_fn)
 
     x = x0.clone()
     level = torch.full_like(t, CLEAN)
@@ -188,15 +205,10 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
 
     def step(rows: Tensor, frm: Tensor, to: Tensor, eval_at: Tensor) -> None:
         """ReNoise step of the samples ``rows`` from level ``frm`` to level ``to``."""
-        full = rows.numel() == x.shape[0]
-        x_s = x if full else x[rows]
-        abar_s, abar_to = _abar(alphas_cumprod, frm, start_abar), _abar(alphas_cumprod, to)
-        eps_sum = predict(x_s, eval_at, rows)
-        x_new = ddim_step(x_s, eps_sum, abar_s, abar_to)
-        for i in range(1, renoise_iters + 1):
-            eps_sum = eps_sum + predict(x_new, eval_at, rows)
-            x_new = ddim_step(x_s, eps_sum / (i + 1), abar_s, abar_to)
+        x_s = x if rows.numel() == x.shape[0] else x[rows]
+        x_new = _renoise_step(predict, x_s, rows, frm, to, eval_at, alphas_cumprod, renoise_iters, start_abar)
         if step_noise:
+            abar_s, abar_to = _abar(alphas_cumprod, frm, start_abar), _abar(alphas_cumprod, to)
             z = _per_sample_randn(x_s.shape[1:], rows, generators).to(x_new)
             x_new = x_new + step_noise * _bcast(step_noise_std(abar_s, abar_to), x_new) * z
         x[rows] = x_new
@@ -337,3 +349,57 @@ def flow_euler_sample(velocity_fn: VelocityFn, x_s: Tensor, sigma: Tensor, grid:
         x[rows] = x[rows] + _bcast(to - level[rows], v) * v
         level[rows] = to
     return x
+
+
+# --------------------------------------------------------------------------------------------
+# Cached inversion: the grid levels computed once per image, the rest at training time
+
+
+def stored_levels(num_steps: int, num_train_timesteps: int, *, steps_offset: int = 1) -> Tensor:
+    """The levels whose latents a cached inversion stores, in both modes: ``k * T // num_steps +
+    steps_offset`` (``[1, 201, 401, 601, 801]`` for 5 steps)."""
+    return inversion_grid(num_steps, num_train_timesteps, land_on_t=True, steps_offset=steps_offset)
+
+
+def invert_to_levels(eps_fn: EpsFn, x0: Tensor, alphas_cumprod: Tensor, *, num_steps: int, renoise_iters: int = 1,
+                     land_on_t: bool = True, steps_offset: int = 1, initial_abar: float = 1.0) -> Tensor:
+    """The inversion of ``x0`` at every `stored_levels` level, ``[B, num_steps, ...]``: the points
+    `renoise_invert` passes through on its way to the top of the range (with ``land_on_t`` the
+    steps to the grid levels; without, the authors' steps, each ending on a grid level)."""
+    top = torch.full((x0.shape[0],), alphas_cumprod.shape[0] - 1, dtype=torch.long, device=x0.device)
+    _, trajectory = renoise_invert(eps_fn, x0, top, alphas_cumprod, num_steps=num_steps, renoise_iters=renoise_iters,
+                                   land_on_t=land_on_t, return_trajectory=True, steps_offset=steps_offset,
+                                   initial_abar=initial_abar)
+    expected = stored_levels(num_steps, alphas_cumprod.shape[0], steps_offset=steps_offset).to(x0.device)
+    for k, (levels, _) in enumerate(trajectory[:num_steps]):
+        if bool((levels != expected[k]).any()):  # the grid's top must lie below T - 1
+            raise ValueError(f"inversion step {k} ended at {levels.tolist()}, not at level {int(expected[k])}")
+    return torch.stack([x for _, x in trajectory[:num_steps]], dim=1)
+
+
+def finish_from_levels(eps_fn: EpsFn | None, x0: Tensor, stored: Tensor, t: Tensor, alphas_cumprod: Tensor, *,
+                       num_steps: int, renoise_iters: int = 1, land_on_t: bool = True,
+                       steps_offset: int = 1) -> Tensor:
+    """`renoise_invert`'s result from the stored levels of `invert_to_levels` (``stored``: ``[B, L, ...]``).
+
+    Authors' grid (``land_on_t=False``): the stored level at the smallest grid level ``>= t`` (the
+    last one for ``t`` above it) is the answer; no network is called (``eps_fn`` may be ``None``).
+    ``land_on_t=True``: from the stored level just below ``t`` (the clean ``x0`` when none is) one
+    more ReNoise step to ``t``, evaluated at ``t``, as `renoise_invert` ends.
+    """
+    t = torch.as_tensor(t, device=x0.device).long().reshape(-1)
+    grid = stored_levels(num_steps, alphas_cumprod.shape[0], steps_offset=steps_offset).to(x0.device)
+    if stored.shape[:2] != (x0.shape[0], grid.numel()) or stored.shape[2:] != x0.shape[1:]:
+        raise ValueError(f"stored levels of shape {tuple(stored.shape)} do not fit latents {tuple(x0.shape)} "
+                         f"and a {grid.numel()}-step grid")
+    rows = torch.arange(x0.shape[0], device=x0.device)
+    above = torch.searchsorted(grid, t)  # index of the first grid level >= t = number of levels below t
+    if not land_on_t:
+        return stored[rows, above.clamp(max=grid.numel() - 1)].to(x0.dtype)
+    if eps_fn is None:
+        raise ValueError("land_on_t=True needs eps_fn for the last step to t")
+    below = above - 1
+    has = (below >= 0).view(-1, *([1] * (x0.dim() - 1)))
+    x_s = torch.where(has, stored[rows, below.clamp(min=0)].to(x0.dtype), x0)
+    frm = torch.where(below >= 0, grid[below.clamp(min=0)], torch.full_like(t, CLEAN))
+    return _renoise_step(_predictor(eps_fn), x_s, rows, frm, t, t, alphas_cumprod, renoise_iters)

@@ -57,6 +57,12 @@ def check_model_source(value: str | os.PathLike, option: str) -> str:
     return text
 
 
+def model_identity(value: str | os.PathLike) -> str:
+    """A model reference in one spelling: a local path made absolute, a hub id as written."""
+    text = str(value)
+    return str(Path(text).expanduser().resolve()) if looks_local(text) else text
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.

@@ -25,8 +25,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from smpo.inversion import finish_from_levels, implied_noise, renoise_invert
 from smpo.losses import LOSSES, LossOutput, per_sample_mse
 from smpo.models.family import Conditioning, FamilyAdapter
+from smpo.models.lora import inference_view
 
 Method = Literal["smpo", "dpo", "kto", "mapo", "sft"]
 Noising = Literal["forward", "ddim-inversion", "renoise"]
@@ -134,6 +136,9 @@ class PairBatch:
     ``p_win``: ``[B]`` smoothed probability that the winner is preferred (Eq. 11).
     ``seeds``: one per pair; the loop derives each from (run seed, pair id, epoch).
     ``uncond``: the empty prompt's conditioning, a batch of 1 (needed for inversion guidance != 1).
+    ``inverted_w`` / ``inverted_l``: the reference's inversion of each image at the grid levels,
+    ``[B, L, ...]``, when read from a cache made with ``smpo cache --store-inversion`` (NaN rows:
+    none stored for that image as batched, e.g. flipped or with its prompt dropped; inverted live).
     """
 
     latents_w: Tensor
@@ -143,6 +148,8 @@ class PairBatch:
     seeds: list[int]
     uncond: Conditioning | None = None
     cond_l: Conditioning | None = None
+    inverted_w: Tensor | None = None
+    inverted_l: Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents_w.shape[0]
@@ -152,7 +159,16 @@ class PairBatch:
         return PairBatch(latents_w=self.latents_w.to(device), latents_l=self.latents_l.to(device),
                          cond=self.cond.to(device), p_win=self.p_win.to(device), seeds=list(self.seeds),
                          uncond=None if self.uncond is None else self.uncond.to(device),
-                         cond_l=None if self.cond_l is None else self.cond_l.to(device))
+                         cond_l=None if self.cond_l is None else self.cond_l.to(device),
+                         inverted_w=None if self.inverted_w is None else self.inverted_w.to(device),
+                         inverted_l=None if self.inverted_l is None else self.inverted_l.to(device))
+
+    @property
+    def inverted(self) -> Tensor | None:
+        """The stored inversions of the ``2B`` images, winners first (``None`` without a cache of them)."""
+        if self.inverted_w is None or self.inverted_l is None:
+            return None
+        return torch.cat([self.inverted_w, self.inverted_l])
 
     def to_images(self) -> ImageBatch:
         """The ``2B`` images as an unpaired batch: winners desirable, losers undesirable (for KTO).
@@ -163,7 +179,8 @@ class PairBatch:
         desirable = torch.cat([torch.ones(len(self), dtype=torch.bool), torch.zeros(len(self), dtype=torch.bool)])
         return ImageBatch(latents=torch.cat([self.latents_w, self.latents_l]),
                           cond=Conditioning.cat([self.cond, self.cond_l if self.cond_l is not None else self.cond]),
-                          desirable=desirable.to(self.latents_w.device), seeds=seeds, uncond=self.uncond)
+                          desirable=desirable.to(self.latents_w.device), seeds=seeds, uncond=self.uncond,
+                          inverted=self.inverted)
 
 
 @dataclass
@@ -175,6 +192,7 @@ class ImageBatch:
     desirable: Tensor
     seeds: list[int]
     uncond: Conditioning | None = None
+    inverted: Tensor | None = None  # stored inversions at the grid levels, [B, L, ...] (see PairBatch)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -246,7 +264,7 @@ def _draw(batch_seeds: Sequence[int], shape: Sequence[int], family: FamilyAdapte
 
 def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, eps: Tensor, cond: Conditioning,
                   cfg: ObjectiveConfig, uncond: Conditioning | None = None,
-                  seeds: Sequence[int] | None = None) -> NoisedBatch:
+                  seeds: Sequence[int] | None = None, stored: Tensor | None = None) -> NoisedBatch:
     """``x_t`` and the target noise for clean latents ``x0`` at per-sample ``t``.
 
     forward: ``x_t = sqrt(abar) x0 + sqrt(1-abar) eps`` with the given ``eps`` (section 1; a flow
@@ -256,7 +274,10 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
     Euler inversion, ``family.invert``); ``eps`` is unused.
     ``uncond`` (batch of 1, the empty prompt) is needed when ``cfg.inversion_guidance != 1``; it
     keeps each image's own SDXL ``time_ids``. ``seeds`` (one per row of ``x0``) seed the fresh
-    noise of ``cfg.inversion_noise``.
+    noise of ``cfg.inversion_noise``. ``stored``: the reference's inversion of each row at the grid
+    levels (``smpo cache --store-inversion``); the inversion then only finishes from them
+    (`smpo.inversion.finish_from_levels`: nothing left on the authors' grid, one renoised step to
+    ``t`` when landing on it), which equals inverting with the reference up to the fp16 storage.
     """
     if cfg.noising == "forward":
         return NoisedBatch(family.add_noise(x0, eps, t), t, eps)
@@ -268,11 +289,44 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
             raise ValueError(f"inversion_guidance={cfg.inversion_guidance} needs the batch's uncond (empty prompt)")
         unc = cond.drop_text(torch.ones(len(cond), dtype=torch.bool), uncond)
     with torch.no_grad():
-        x_t, eps_hat = family.invert(
-            inverter, x0, t, cond, uncond=unc, num_steps=cfg.inversion_steps, renoise_iters=cfg.effective_renoise_iters,
-            guidance=cfg.inversion_guidance, land_on_t=cfg.land_on_t, step_noise=cfg.inversion_noise,
-            generators=_inversion_generators(seeds, x0.shape[0]) if cfg.inversion_noise else None)
+        if stored is not None:
+            if family.prediction_type_family != "diffusion":
+                raise ValueError(f"stored inversions are DDIM inversions: the {family.name} family has none")
+            x_t = _finish_stored(family, inverter, x0, t, cond, unc, cfg, stored)
+            eps_hat = implied_noise(x_t, x0, t, family.alphas_cumprod)
+        else:
+            x_t, eps_hat = family.invert(
+                inverter, x0, t, cond, uncond=unc, num_steps=cfg.inversion_steps,
+                renoise_iters=cfg.effective_renoise_iters, guidance=cfg.inversion_guidance, land_on_t=cfg.land_on_t,
+                step_noise=cfg.inversion_noise,
+                generators=_inversion_generators(seeds, x0.shape[0]) if cfg.inversion_noise else None)
     return NoisedBatch(x_t.detach(), t, eps_hat.detach())
+
+
+def _finish_stored(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, cond: Conditioning,
+                   unc: Conditioning | None, cfg: ObjectiveConfig, stored: Tensor) -> Tensor:
+    """``x_t`` from stored inversions; rows of ``stored`` that are NaN (no stored inversion: a
+    flipped image, a dropped prompt) are inverted live with the same network."""
+    if cfg.inverting_network != "reference" or cfg.inversion_noise:
+        raise ValueError("stored inversions hold the reference's deterministic inversion: they need "
+                         "objective.inverting_network=reference and no inversion_noise")
+    live = stored[:, 0].reshape(stored.shape[0], -1)[:, :1].isnan().flatten()
+    kw = dict(num_steps=cfg.inversion_steps, renoise_iters=cfg.effective_renoise_iters, land_on_t=cfg.land_on_t)
+
+    def eps_fn_of(rows: Tensor) -> Any:
+        return family.eps_fn(inverter, cond.index(rows), None if unc is None else unc.index(rows),
+                             cfg.inversion_guidance)
+
+    if not bool(live.any()):
+        return finish_from_levels(family.eps_fn(inverter, cond, unc, cfg.inversion_guidance), x0, stored, t,
+                                  family.alphas_cumprod, **kw)
+    x_t = torch.empty_like(x0)
+    kept, inverted = torch.nonzero(~live).flatten(), torch.nonzero(live).flatten()
+    if kept.numel():
+        x_t[kept] = finish_from_levels(eps_fn_of(kept), x0[kept], stored[kept], t[kept], family.alphas_cumprod, **kw)
+    x_t[inverted] = renoise_invert(eps_fn_of(inverted), x0[inverted], t[inverted], family.alphas_cumprod,
+                                   initial_abar=family.initial_abar, **kw)
+    return x_t
 
 
 def _inversion_generators(seeds: Sequence[int] | None, rows: int) -> list[torch.Generator]:
@@ -306,6 +360,10 @@ def compute_loss(family: FamilyAdapter, policy: Any, reference: Any | None, batc
     if cfg.needs_reference and reference is None:
         raise ValueError(f"method {cfg.method} (inverting with {cfg.inverting_network}) needs a reference network")
     inverter = policy if cfg.inverting_network == "policy" else reference
+    if inverter is policy and cfg.noising != "forward":
+        # LoRA: the no-grad inversion calls run with the adapters folded into the weights
+        # (each call then costs what the base network costs; equal up to rounding).
+        inverter = inference_view(policy)
     if cfg.method == "kto":
         images = batch if isinstance(batch, ImageBatch) else batch.to_images()
         return _kto(family, policy, reference, inverter, images, cfg, mean_over_processes)
@@ -325,7 +383,7 @@ def _pairwise(family: FamilyAdapter, policy: Any, reference: Any | None, inverte
     cond = Conditioning.cat([batch.cond, batch.cond_l if batch.cond_l is not None else batch.cond])
     image_seeds = [derive_seed(s, 0) for s in batch.seeds] + [derive_seed(s, 1) for s in batch.seeds]
     noised = noise_latents(family, inverter, x0, torch.cat([t, t]), torch.cat([eps, eps]), cond, cfg, batch.uncond,
-                           image_seeds)
+                           image_seeds, batch.inverted)
     model_w, model_l = errors(family, policy, noised, x0, cond).chunk(2)
     if cfg.method == "mapo":
         out = LOSSES["mapo"](model_w, model_l, beta=cfg.beta, snr=cfg.mapo_snr, num_timesteps=family.num_timesteps)
@@ -347,7 +405,7 @@ def _sft(family: FamilyAdapter, policy: Any, inverter: Any, batch: PairBatch, cf
     """SFT on the winner image only (ALGORITHM.md section 4)."""
     x0 = batch.latents_w.float()
     t, eps = _draw(batch.seeds, x0.shape[1:], family, cfg, x0.device)
-    noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds)
+    noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds, batch.inverted_w)
     out = LOSSES["sft"](errors(family, policy, noised, x0, batch.cond))
     out.metrics["t_mean"] = t.float().mean()
     return out
@@ -358,7 +416,7 @@ def _kto(family: FamilyAdapter, policy: Any, reference: Any, inverter: Any, batc
     """Diffusion-KTO: independent t and eps per image (ALGORITHM.md section 4)."""
     x0 = batch.latents.float()
     t, eps = _draw(batch.seeds, x0.shape[1:], family, cfg, x0.device)
-    noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds)
+    noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds, batch.inverted)
     model = errors(family, policy, noised, x0, batch.cond)
     with torch.no_grad():
         ref = errors(family, reference, noised, x0, batch.cond)

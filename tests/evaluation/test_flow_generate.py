@@ -73,3 +73,24 @@ def test_flow_families_refuse_controlnet_and_ddpm_schedulers(flow_pipelines):
         load_pipeline(flow_pipelines["sd3"], controlnet="some/controlnet")
     with pytest.raises(ValueError, match="scheduler"):
         load_pipeline(flow_pipelines["flux"], scheduler="ddim")
+
+
+def test_flow_generations_go_through_evaluate_and_compare_unchanged(flow_pipelines, tiny_scorers, tmp_path):
+    import pandas as pd
+
+    from smpo.evaluation.evaluate import PAPER_SCORERS
+
+    prompts = ["--prompts", "parti", "--categories", "Animals", "--limit", "2", "--steps", "2"]
+    for family, model in flow_pipelines.items():
+        assert main(["generate", "--model", str(model), *prompts, "--out", str(tmp_path / family)]) == 0
+    paths = [f"--scorer-path={name}={folder}" for name, folder in tiny_scorers.items()]
+    for family in flow_pipelines:
+        assert main(["evaluate", str(tmp_path / family), *paths, "--num-resamples", "50"]) == 0
+        scores = pd.read_parquet(tmp_path / family / "evaluation" / "scores.parquet")
+        assert len(scores) == 2 and scores[list(PAPER_SCORERS)].notna().all().all()
+    report = tmp_path / "report"
+    assert main(["compare", *(str(tmp_path / f) for f in flow_pipelines), "--out", str(report),
+                 "--num-resamples", "50"]) == 0
+    table = pd.read_csv(report / "table.csv").set_index("model")
+    assert list(table.index) == list(flow_pipelines)
+    assert len(pd.read_csv(report / "winrates.csv")) == len(PAPER_SCORERS)  # one pair of models x 5 scorers

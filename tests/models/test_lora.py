@@ -59,3 +59,30 @@ def test_adapters_reenabled_after_an_exception(unet):
 def test_reference_view_needs_lora(unet):
     with pytest.raises(ValueError, match="add_lora"):
         reference_view(unet)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_view_equals_the_adapted_network_and_leaves_it_untouched(unet, dtype):
+    from smpo.models.lora import MergedAdaptersView, inference_view
+
+    policy = add_lora(copy.deepcopy(unet).to(dtype), rank=4, alpha=8)
+    with torch.no_grad():
+        for p in lora_parameters(policy):
+            p.add_(0.05)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x, states = torch.randn(2, 4, 8, 8, generator=g).to(dtype), torch.randn(2, 77, 32, generator=g).to(dtype)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        adapted = _run(policy, x, t, states).float()
+        view = inference_view(policy)
+        merged = _run(view, x, t, states).float()
+        base = _run(reference_view(policy), x, t, states).float()
+    assert isinstance(view, MergedAdaptersView) and len(view.weights) > 0
+    assert all(w.dtype == dtype for w in view.weights.values())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(merged, adapted, atol=tol, rtol=tol)
+    # the adapters matter, and the view has them (its error is far below their effect)
+    assert (merged - adapted).abs().max() < 0.25 * (adapted - base).abs().max()
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())  # nothing merged in place
+    assert inference_view(unet) is unet  # no adapters: the network itself

@@ -146,3 +146,31 @@ def test_the_flow_recipes_run_on_the_tiny_model(family, flow_pipelines, labelled
         config.optim.max_steps, config.optim.gradient_accumulation_steps = 1, 1
         result = train(config)
         assert math.isfinite(result.metrics[0]["loss"]) and result.export is not None and result.export.is_dir()
+
+
+@pytest.mark.parametrize("family,finetune", [("sd3", "full"), ("flux", "lora")])
+def test_a_resumed_flow_run_equals_an_uninterrupted_one(family, finetune, flow_pipelines, labelled, tmp_path):
+    from safetensors.torch import load_file
+
+    from smpo.train.checkpoint import list_checkpoints
+
+    argv = _train_argv(flow_pipelines[family], ["--dataset", str(labelled)], tmp_path / "straight", "smpo", finetune,
+                       "--batch-size", "1")
+    argv[argv.index("--max-steps") + 1] = "4"
+    argv[argv.index("--checkpoint-every") + 1] = "2"
+    assert main(argv) == 0
+    killed = [a if a != str(tmp_path / "straight") else str(tmp_path / "killed") for a in argv]
+    short = list(killed)
+    short[short.index("--max-steps") + 1] = "2"
+    assert main(short) == 0  # stops after step 2 with its checkpoint: the "killed" run
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step-000002"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "killed" / "final")
+    assert main([*killed, "--resume"]) == 0
+    a, b = _records(tmp_path / "straight"), _records(tmp_path / "killed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5, abs=1e-7)
+    name = "transformer/diffusion_pytorch_model.safetensors" if finetune == "full" else "lora/pytorch_lora_weights.safetensors"
+    wa, wb = load_file(tmp_path / "straight" / "final" / name), load_file(tmp_path / "killed" / "final" / name)
+    assert set(wa) == set(wb) and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

@@ -112,3 +112,31 @@ def test_study_quick_tunes_on_validation_reports_on_held_out_and_resumes(tmp_pat
     for old, new in zip(data["rows"], again["rows"]):
         assert new["lift"] == pytest.approx(old["lift"], abs=1e-6), new["rung"]  # redone the same
     assert "--rungs: unknown ['bogus']" in cli_error(["study", "--quick", "--output", str(out), "--rungs", "dpo,bogus"])
+
+
+def test_cached_inversion_rung_trains_from_the_study_cache(tmp_path):
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from smpo.data.cache import LatentCache
+    from smpo.world.demo import label
+    from smpo.world.pairset import pair_set_path
+    from smpo.world.study import inversion_cache_dir, run_study
+
+    label(pair_set_path(), tmp_path / "labelled")
+    small = tmp_path / "small"
+    small.mkdir()
+    first = sorted((tmp_path / "labelled").glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(first).slice(0, 12), small / "shard-00000.parquet")
+    cfg = replace(QUICK, rungs=("smpo-cached",), curve_rungs=(), max_prompts=2)
+    data = run_study(tmp_path / "study", cfg, dataset=small, workers=1, progress=lambda _: None)
+    cache = LatentCache(inversion_cache_dir(tmp_path / "study"))
+    assert len(cache) == 12 and cache.inversion is not None and not cache.inversion.land_on_t
+    assert [r["setting"] for r in data["rows"]] == ["paper", "tuned"]
+    for result in (tmp_path / "study" / "results" / "smpo-cached").glob("*.json"):
+        run = json.loads(result.read_text())
+        assert run["objective"]["inverting_network"] == "reference"
+        # the stored levels answer the authors' grid: only the loss's 4 calls per pair remain (2 x 2 pairs),
+        # except for images whose prompt was dropped (inverted live)
+        assert min(run["unet_evals"]) == 8

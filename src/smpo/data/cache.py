@@ -9,7 +9,11 @@ both images and the prompt at every step). For each pair the cache holds
   encoders' penultimate states and the pooled embedding), stored once per distinct caption of a
   shard, and each image's own image-dependent conditioning (SDXL's ``time_ids`` from its real
   original size and crop),
-- the label columns training needs (``winner``, ``p_win``, ``label_0``, the scores, the caption).
+- the label columns training needs (``winner``, ``p_win``, ``label_0``, the scores, the caption),
+- optionally (``--store-inversion``), each image's DDIM/ReNoise inversion by the frozen reference
+  UNet at the inversion grid's levels (`InversionSpec`; ``smpo.inversion.invert_to_levels``),
+  so that SmPO with ``inverting_network: reference`` only finishes the inversion at training time
+  (``data.cached_inversion``; docs/training.md, "Cached reference inversion").
 
 Layout of the output folder::
 
@@ -28,18 +32,49 @@ import argparse
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from smpo.io import atomic_path, prepare_output_dir, read_json, resolve_device, resolve_dtype, write_json
+from smpo.io import (
+    atomic_path,
+    model_identity,
+    prepare_output_dir,
+    read_json,
+    resolve_device,
+    resolve_dtype,
+    write_json,
+)
 from smpo.models.family import Conditioning, FamilyAdapter, prepare_image
 from smpo.objective import PairBatch
 
 CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class InversionSpec:
+    """What a stored inversion was computed with; training checks its objective against it."""
+
+    unet: str  # the reference UNet: --unet, else the pipeline's (--model)
+    steps: int = 5
+    renoise_iters: int = 1  # 0: plain DDIM inversion
+    land_on_t: bool = False
+    guidance: float = 1.0
+    size_conditioning: str = "image"  # SDXL time ids: each image's own, or the authors' fixed target
+
+    def mismatches(self, objective: Any, size_conditioning: str, unet: str) -> list[str]:
+        """The settings of a run (resolved objective, ``data.size_conditioning``, its initial UNet)
+        that differ from this spec, as ``name: run vs cache`` strings."""
+        pairs = {"objective.inversion_steps": (objective.inversion_steps, self.steps),
+                 "objective.renoise_iters (effective)": (objective.effective_renoise_iters, self.renoise_iters),
+                 "objective.land_on_t": (objective.land_on_t, self.land_on_t),
+                 "objective.inversion_guidance": (objective.inversion_guidance, self.guidance),
+                 "data.size_conditioning": (size_conditioning, self.size_conditioning),
+                 "reference UNet (model.unet or model.pretrained)": (model_identity(unet), model_identity(self.unet))}
+        return [f"{k}: {run!r} vs {cached!r}" for k, (run, cached) in pairs.items() if run != cached]
 STORAGE_DTYPE = torch.float16
 LABEL_COLUMNS = ("winner", "p_win", "label_0", "score_0", "score_1")
 """Columns copied into the manifest when the source has them (``smpo label`` writes all five)."""
@@ -64,6 +99,7 @@ class CachedPair:
     text_added: dict[str, Tensor]
     image_added: tuple[dict[str, Tensor], dict[str, Tensor]]
     labels: dict[str, Any] = field(default_factory=dict)
+    inversion: tuple[Tensor, Tensor] | None = None  # each image's stored inversion, [L, C, h, w]
 
     def conditioning(self, image: int) -> Conditioning:
         """The conditioning of image ``image`` (0 or 1) with its prompt, a batch of 1."""
@@ -182,12 +218,21 @@ class LatentCache:
         text_added = {n.split(".", 2)[2]: shard.get_slice(n)[c] for n in names if n.startswith("text.added.")}
         image_added = tuple({n.split(".", 2)[2]: shard.get_slice(n)[i] for n in names
                              if n.startswith(f"image{k}.added.")} for k in (0, 1))
+        inversion = None
+        if "image0.inversion" in names:
+            inversion = (shard.get_slice("image0.inversion")[i], shard.get_slice("image1.inversion")[i])
         return CachedPair(
             pair_id=key, caption=self.manifest["caption"][row],
             latents=(shard.get_slice("image0.latents")[i], shard.get_slice("image1.latents")[i]),
             hidden_states=shard.get_slice("text.hidden_states")[c], text_added=text_added,
-            image_added=image_added, labels=self.labels(key),  # type: ignore[arg-type]
+            image_added=image_added, labels=self.labels(key), inversion=inversion,  # type: ignore[arg-type]
         )
+
+    @property
+    def inversion(self) -> InversionSpec | None:
+        """How the stored inversions were made (``None``: the cache has none)."""
+        spec = self.info.get("inversion")
+        return None if spec is None else InversionSpec(**spec)
 
     def labels(self, pair_id: str | int) -> dict[str, Any]:
         """The label columns of pair ``pair_id`` from the manifest (no tensor is read)."""
@@ -218,16 +263,17 @@ class CacheSummary:
     shards_reused: int = 0
 
 
-def bytes_per_pair(family: FamilyAdapter) -> int:
-    """Storage of one pair in fp16 (latents of two images, one prompt's conditioning, time ids)."""
+def bytes_per_pair(family: FamilyAdapter, inversion: InversionSpec | None = None) -> int:
+    """Storage of one pair in fp16 (latents of two images, one prompt's conditioning, time ids; the
+    stored inversion: ``inversion.steps`` more latents per image)."""
     empty = family.encode_prompts([""])
-    latents = 2 * family.latent_channels * family.latent_size ** 2
+    latents = 2 * family.latent_channels * family.latent_size ** 2 * (1 + (inversion.steps if inversion else 0))
     text = empty.hidden_states[0].numel() + sum(v[0].numel() for v in (empty.added or {}).values())
     return 2 * (latents + text)
 
 
-def _disk_estimate(rows: int, family: FamilyAdapter) -> str:
-    per_pair = bytes_per_pair(family)
+def _disk_estimate(rows: int, family: FamilyAdapter, inversion: InversionSpec | None = None) -> str:
+    per_pair = bytes_per_pair(family, inversion)
     return (f"{rows:,} pairs x {per_pair / 2**10:.1f} KiB = {rows * per_pair / 2**30:.2f} GiB at most "
             "(less where captions repeat within a shard)")
 
@@ -248,12 +294,43 @@ def _store(tensor: Tensor) -> Tensor:
     return tensor.to(STORAGE_DTYPE).contiguous() if tensor.is_floating_point() else tensor.contiguous()
 
 
-def encode_shard(family: FamilyAdapter, pairs: Sequence[Any], *, batch_size: int = 8) -> dict[str, Tensor]:
+def invert_images(family: FamilyAdapter, latents: Tensor, cond: Conditioning, spec: InversionSpec,
+                  batch_size: int) -> Tensor:
+    """The reference's (``family.unet``) inversion of ``latents`` at the grid levels, ``[N, L, C, h, w]``,
+    as the objective's ``noise_latents`` would compute it with these settings."""
+    from smpo.inversion import invert_to_levels
+
+    uncond = None
+    if spec.guidance != 1.0:
+        uncond = cond.drop_text(torch.ones(len(cond), dtype=torch.bool), family.encode_prompts([""]))
+    parts = []
+    for i in range(0, latents.shape[0], batch_size):
+        rows = slice(i, i + batch_size)
+        eps_fn = family.eps_fn(family.unet, cond.index(rows), None if uncond is None else uncond.index(rows),
+                               spec.guidance)
+        x0 = latents[rows].to(family.device, torch.float32)
+        with torch.no_grad():
+            parts.append(invert_to_levels(eps_fn, x0, family.alphas_cumprod, num_steps=spec.steps,
+                                          renoise_iters=spec.renoise_iters, land_on_t=spec.land_on_t,
+                                          initial_abar=family.initial_abar).cpu())
+    return torch.cat(parts)
+
+
+def encode_shard(family: FamilyAdapter, pairs: Sequence[Any], *, batch_size: int = 8,
+                 inversion: InversionSpec | None = None) -> dict[str, Tensor]:
     """The tensors of one shard for ``pairs`` (``smpo.data.pairs.PreferencePair`` with decoded images)."""
     tensors: dict[str, Tensor] = {}
     for k in (0, 1):
         latents, sizes, crops = _encode_images(family, [getattr(p, f"image_{k}") for p in pairs], batch_size)
         tensors[f"image{k}.latents"] = _store(latents)
+        if inversion is not None:  # from the stored (fp16) latents: what training reads
+            captions = [p.caption for p in pairs]
+            if inversion.size_conditioning == "target":
+                cond = family.encode_prompts(captions)
+            else:
+                cond = family.encode_prompts(captions, original_sizes=sizes, crops_coords=crops)
+            tensors[f"image{k}.inversion"] = _store(
+                invert_images(family, tensors[f"image{k}.latents"].float(), cond, inversion, batch_size))
         tensors[f"image{k}.original_size"] = torch.tensor(sizes, dtype=torch.int32)
         tensors[f"image{k}.crop_top_left"] = torch.tensor(crops, dtype=torch.int32)
         if family.image_keys:
@@ -283,8 +360,11 @@ def _shard_rows(pairs: Sequence[Any]) -> list[dict[str, Any]]:
 
 def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyAdapter, *, model: str = "",
                 shard_size: int = 1000, batch_size: int = 8, overwrite: bool = False, split: str = "train",
-                limit: int | None = None, progress: bool = True) -> CacheSummary:
+                limit: int | None = None, progress: bool = True, inversion: InversionSpec | None = None
+                ) -> CacheSummary:
     """Cache the latents and conditioning of every pair of ``data`` (any source ``smpo.data.pairs`` reads).
+
+    ``inversion``: also store each image's inversion by ``family.unet`` (the frozen reference).
 
     Human ties are kept (a labelled set's winner comes from the reward model). Pairs whose image
     cannot be decoded are skipped and listed in the summary. Resumes an unfinished ``out`` made
@@ -298,15 +378,22 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
     source = open_source(data, split=split, limit=limit)
     info = {"version": CACHE_VERSION, "family": family.name, "model": model, "resolution": family.resolution,
             "prediction_type": family.prediction_type, "shard_size": shard_size, "source": str(data),
-            "split": split, "limit": limit, "storage_dtype": "float16"}
+            "split": split, "limit": limit, "storage_dtype": "float16",
+            "inversion": None if inversion is None else asdict(inversion)}
+    if inversion is not None and family.unet is None:
+        raise ValueError("storing the inversion needs the reference UNet (load the family with its UNet)")
+    if inversion is not None and family.prediction_type_family != "diffusion":
+        raise ValueError(f"--store-inversion stores DDIM inversions (SD1.5, SDXL); the {family.name} family "
+                         "inverts its flow at training time")
     folder = prepare_output_dir(out, overwrite=overwrite, resume=True)
     _check_resume(folder, info)
     write_json(folder / "cache.json", info)
     if source.num_rows is not None:
-        print(f"smpo cache: {source.description}: disk estimate {_disk_estimate(source.num_rows, family)}", flush=True)
+        print(f"smpo cache: {source.description}: disk estimate {_disk_estimate(source.num_rows, family, inversion)}",
+              flush=True)
     else:
         print(f"smpo cache: {source.description}: a stream of unknown length; disk estimate "
-              f"{bytes_per_pair(family) / 2**10:.1f} KiB per pair", flush=True)
+              f"{bytes_per_pair(family, inversion) / 2**10:.1f} KiB per pair", flush=True)
     with atomic_path(folder / "empty.safetensors") as tmp:
         empty = family.encode_prompts([""]).to("cpu")
         save_file({"hidden_states": _store(empty.hidden_states),
@@ -321,7 +408,7 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
     for k, first_row, table in iter_shards(source, shard_size, wanted=lambda k: k not in done):
         stats = ReadStats()
         pairs = list(pairs_in_table(source, table, first_row, keep_ties=True, stats=stats))
-        tensors = encode_shard(family, pairs, batch_size=batch_size) if pairs else {}
+        tensors = encode_shard(family, pairs, batch_size=batch_size, inversion=inversion) if pairs else {}
         meta = {"rows": json.dumps(_shard_rows(pairs)), "skipped": json.dumps(stats.to_dict()["skipped"])}
         with atomic_path(shard_dir / _shard_name(k)) as tmp:
             save_file(tensors or {"empty": torch.zeros(0)}, str(tmp), metadata=meta)
@@ -399,6 +486,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for encoding (default: fp16 on CUDA, else fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inv = parser.add_argument_group("stored reference inversion (for SmPO with inverting_network: reference)")
+    inv.add_argument("--store-inversion", action="store_true",
+                     help="also store each image's inversion by the frozen reference UNet at the grid levels (fp16)")
+    inv.add_argument("--unet", default=None, help="the reference UNet, when not the pipeline's (e.g. an SFT-tuned one)")
+    inv.add_argument("--inversion-steps", type=int, default=5, help="inversion grid size (default 5; SDXL recipes: 10)")
+    inv.add_argument("--renoise-iters", type=int, default=1, help="ReNoise iterations per step (default 1; 0: DDIM)")
+    inv.add_argument("--land-on-t", action=argparse.BooleanOptionalAction, default=False,
+                     help="the objective's land_on_t (default: false, the authors' grid)")
+    inv.add_argument("--inversion-guidance", type=float, default=1.0, help="CFG weight of the inversion (default 1)")
+    inv.add_argument("--size-conditioning", choices=["image", "target"], default="image",
+                     help="SDXL time ids the inversion conditions on: the training's data.size_conditioning")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -406,12 +504,22 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    family = load_family(args.model, family=args.family, vae=args.vae, revision=args.revision, variant=args.variant,
-                         dtype=dtype, device=device, with_unet=False)
+    inversion = None
+    if args.store_inversion:
+        if args.inversion_steps < 1 or args.renoise_iters < 0:
+            raise ValueError(f"--inversion-steps must be >= 1 and --renoise-iters >= 0; got {args.inversion_steps} "
+                             f"and {args.renoise_iters}")
+        inversion = InversionSpec(unet=model_identity(args.unet or args.model), steps=args.inversion_steps,
+                                  renoise_iters=args.renoise_iters, land_on_t=args.land_on_t,
+                                  guidance=args.inversion_guidance, size_conditioning=args.size_conditioning)
+    elif args.unet:
+        raise ValueError("--unet is the reference of --store-inversion; the latents need only --model")
+    family = load_family(args.model, family=args.family, vae=args.vae, unet=args.unet, revision=args.revision,
+                         variant=args.variant, dtype=dtype, device=device, with_unet=inversion is not None)
     if args.resolution is not None:
         family.resolution = args.resolution
     build_cache(args.data, args.out, family, model=str(args.model), shard_size=args.shard_size,
                 batch_size=args.batch_size, overwrite=args.overwrite, split=args.split, limit=args.limit,
-                progress=not args.no_progress)
+                progress=not args.no_progress, inversion=inversion)
     return 0
 

@@ -89,6 +89,51 @@ class AdaptersOffView:
             return self.unet(*args, **kwargs)
 
 
+class MergedAdaptersView:
+    """A LoRA policy for no-grad calls (the inversion): its adapters folded into copies of the
+    adapted layers' base weights (``W + scale B A``, peft's ``get_delta_weight``), called with the
+    adapters off through ``torch.func.functional_call``, so each call costs what the base network
+    costs. The module's own weights are not touched; build a new view after each optimizer step.
+    Equal to calling ``unet`` itself up to rounding (exact math; the merged weight is kept in the
+    base weight's dtype, as autocast would compute it).
+    """
+
+    def __init__(self, unet: Any) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.unet = unet
+        with torch.no_grad():
+            self.weights = {}
+            for name, module in unet.named_modules():
+                if not isinstance(module, LoraLayer) or not module.active_adapters:
+                    continue
+                base = module.get_base_layer()
+                merged = base.weight.detach().float()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        merged = merged + module.get_delta_weight(adapter).float()
+                self.weights[f"{name}.base_layer.weight"] = merged.to(base.weight.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with adapters_disabled(self.unet):
+            return torch.func.functional_call(self.unet, self.weights, args, kwargs, strict=False)
+
+
+def inference_view(network: Any) -> Any:
+    """``network`` for no-grad calls: a LoRA-adapted UNet as a `MergedAdaptersView`, anything else itself."""
+    if isinstance(network, torch.nn.Module) and has_lora(network):
+        return MergedAdaptersView(network)
+    return network
+
+
 def reference_view(unet: Any) -> AdaptersOffView:
     """The reference network of a LoRA-adapted ``unet``: the same weights with adapters off."""
     if not has_lora(unet):

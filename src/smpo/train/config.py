@@ -78,6 +78,11 @@ class DataConfig:
     embeddings from it and never decodes an image or runs the VAE or text encoders."""
     resolution: int | None = None
     """Training resolution in pixels; default: the model's native size (UNet sample size x VAE factor)."""
+    cached_inversion: bool = False
+    """Use the reference's inversions stored in data.cache (`smpo cache --store-inversion`): SmPO
+    with objective.inverting_network=reference then only finishes each inversion (nothing left on
+    the authors' grid; one renoised step when landing on t). Flipped images and dropped prompts
+    are inverted live (docs/training.md, "Cached reference inversion")."""
     empty_prompt_rate: float = 0.2
     """Share of captions replaced by the empty prompt (the authors' proportion_empty_prompts)."""
     random_flip: bool = True

@@ -268,7 +268,7 @@ class CachedPairs:
 
     def __init__(self, folder: str | Path, family: Any, *, max_pairs: int | None, seed: int,
                  empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image",
-                 flip_per_image: bool = False):
+                 flip_per_image: bool = False, inversion: bool = False):
         from smpo.data.cache import LatentCache
 
         self.cache = LatentCache(folder)
@@ -283,6 +283,7 @@ class CachedPairs:
             ids = [p for p in ids if p not in ties]
         self.pair_ids = ids
         self.uncond = self.cache.empty_conditioning()
+        self.inversion = inversion  # attach the stored reference inversions (data.cached_inversion)
 
     def __len__(self) -> int:
         return len(self.pair_ids)
@@ -295,15 +296,22 @@ class CachedPairs:
         from smpo.models.family import Conditioning
 
         latents_w, latents_l, conds_w, conds_l, drops, seeds, p_wins = [], [], [], [], [], [], []
+        inverted: tuple[list, list] = ([], [])
         for i in indices:
             pair = self.cache.get(self.pair_ids[i])
             draws = pair_draws(self.seed, pair.pair_id, epoch, empty_prompt_rate=self.empty_prompt_rate,
                                random_flip=self.random_flip, flip_per_image=self.flip_per_image)
             winner, p_win = winner_of({"pair_id": pair.pair_id, **pair.labels}, self.labels)
-            for side, latents, conds in ((winner, latents_w, conds_w), (1 - winner, latents_l, conds_l)):
+            for k, (side, latents, conds) in enumerate(((winner, latents_w, conds_w), (1 - winner, latents_l, conds_l))):
                 x0 = pair.latents[side].float()
                 latents.append(x0.flip(-1) if draws.flip_of(side) else x0)
                 conds.append(pair.conditioning(side))
+                if self.inversion:
+                    assert pair.inversion is not None
+                    stored = pair.inversion[side].float()
+                    # Stored for the image as cached with its caption: a flip or a dropped prompt is inverted live.
+                    inverted[k].append(torch.full_like(stored, float("nan")) if draws.flip_of(side) or draws.drop_prompt
+                                       else stored)
             drops.append(draws.drop_prompt)
             seeds.append(draws.noise_seed)
             p_wins.append(p_win)
@@ -312,11 +320,15 @@ class CachedPairs:
         if self.size_conditioning == "target" and cond_w.added is not None:
             # The authors' fixed (R, R, 0, 0, R, R) for every image, whatever the stored size and crop.
             cond_w = self.family.image_conditioning(cond_w)
-            return make_pair_batch(self.family, torch.stack(latents_w).to(device), torch.stack(latents_l).to(device),
-                                   cond_w, drops, self.uncond, p_wins, seeds)
-        return make_pair_batch(self.family, torch.stack(latents_w).to(device), torch.stack(latents_l).to(device),
-                               cond_w, drops, self.uncond, p_wins, seeds,
-                               cond_l=cond_l if cond_w.added is not None else None)
+            batch = make_pair_batch(self.family, torch.stack(latents_w).to(device), torch.stack(latents_l).to(device),
+                                    cond_w, drops, self.uncond, p_wins, seeds)
+        else:
+            batch = make_pair_batch(self.family, torch.stack(latents_w).to(device), torch.stack(latents_l).to(device),
+                                    cond_w, drops, self.uncond, p_wins, seeds,
+                                    cond_l=cond_l if cond_w.added is not None else None)
+        if self.inversion:
+            batch.inverted_w, batch.inverted_l = (torch.stack(v).to(device) for v in inverted)
+        return batch
 
 
 class KTOImages:
@@ -377,16 +389,19 @@ class KTOImages:
         picks = [self.images[draws[p]] for p in positions]
         row_of = {i: j for j, i in enumerate(dict.fromkeys(i for i, _ in picks))}  # pair index -> batch row
         paired = self.pairs.batch(list(row_of), epoch)
-        latents, conds = [], []
+        latents, conds, inverted = [], [], []
         for i, side in picks:
             j = row_of[i]
             is_winner = side == self.winner_side[i]
             latents.append(paired.latents_w[j] if is_winner else paired.latents_l[j])
             cond = paired.cond if is_winner or paired.cond_l is None else paired.cond_l
             conds.append(cond.index([j]))
+            if paired.inverted is not None:
+                inverted.append(paired.inverted_w[j] if is_winner else paired.inverted_l[j])
         desirable = torch.tensor([bool(self.desirable[draws[p]]) for p in positions], device=paired.latents_w.device)
         return ImageBatch(latents=torch.stack(latents), cond=Conditioning.cat(conds), desirable=desirable,
-                          seeds=[derive_seed(self.seed, "kto", epoch, p) for p in positions], uncond=paired.uncond)
+                          seeds=[derive_seed(self.seed, "kto", epoch, p) for p in positions], uncond=paired.uncond,
+                          inverted=torch.stack(inverted) if inverted else None)
 
 
 def open_pairs(config: Any, family: Any) -> Any:
@@ -408,12 +423,35 @@ def _pair_source(config: Any, family: Any) -> Any:
         if config.data.vae_sample:
             raise ValueError(f"data.vae_sample needs the images: the cache {config.data.cache} stores posterior "
                              "means; train from --dataset instead")
-        cached = CachedPairs(config.data.cache, family, max_pairs=config.data.max_pairs, **common)
+        cached = CachedPairs(config.data.cache, family, max_pairs=config.data.max_pairs,
+                             inversion=config.data.cached_inversion, **common)
+        if config.data.cached_inversion:
+            check_cached_inversion(config, cached.cache)
         wanted = config.data.resolution
         if wanted is not None and wanted != cached.cache.resolution:
             raise ValueError(f"the cache {config.data.cache} holds {cached.cache.resolution} px images, "
                              f"not the {wanted} px asked for with --resolution")
         return cached
+    if config.data.cached_inversion:
+        raise ValueError("data.cached_inversion reads the inversions a cache stores: set data.cache "
+                         "(a folder made by `smpo cache --store-inversion`)")
     labelled = LabelledPairs(config.data.dataset, max_pairs=config.data.max_pairs, drop_ties=labels == "binary")
     return ImagePairs(labelled, family, resolution=config.data.resolution or family.resolution,
                       vae_sample=config.data.vae_sample, **common)
+
+
+def check_cached_inversion(config: Any, cache: Any) -> None:
+    """Raise ValueError unless the cache's stored inversions are what this run's objective computes."""
+    spec = cache.inversion
+    if spec is None:
+        raise ValueError(f"data.cached_inversion: the cache {cache.folder} stores no inversion; "
+                         "make it with `smpo cache --store-inversion`")
+    objective = config.objective.resolved()
+    if objective.noising == "forward" or objective.inverting_network != "reference" or objective.inversion_noise:
+        raise ValueError("data.cached_inversion stores the reference's inversion: it needs objective.noising "
+                         "renoise or ddim-inversion, objective.inverting_network=reference and no inversion_noise "
+                         f"(got {objective.noising}, {objective.inverting_network}, {objective.inversion_noise})")
+    differing = spec.mismatches(objective, config.data.size_conditioning, config.model.unet or config.model.pretrained)
+    if differing:
+        raise ValueError(f"data.cached_inversion: the cache {cache.folder} was inverted with other settings "
+                         f"({'; '.join(differing)}); remake it or change the run")

@@ -49,6 +49,9 @@ class Rung:
     """``"sft"``: first fine-tune the base with SFT on the winners (the same budget, rate and seed),
     then train this rung from that UNet (policy and reference), as the paper's SD1.5 run starts
     from an SFT-tuned UNet. The lift is still measured against the base."""
+    cached_inversion: bool = False
+    """Train from the study's ``smpo cache --store-inversion`` of the pair set (the base inverts,
+    once) with ``data.cached_inversion`` (the objective must invert with the reference)."""
 
 
 RUNGS: tuple[Rung, ...] = (
@@ -68,6 +71,10 @@ RUNGS: tuple[Rung, ...] = (
          {"land_on_t": False, "inversion_noise": 0.1}),
     Rung("smpo-after-sft", "SFT, then SmPO (authors' grid; twice the steps)", "smpo", {"land_on_t": False},
          start="sft"),
+    # Issue 11: the reference's inversion, stored once by `smpo cache` (equal to inverting with the
+    # reference live, up to fp16), on the authors' grid: no inversion call is left in training.
+    Rung("smpo-cached", "SmPO, reference inversion cached (authors' grid)", "smpo",
+         {"land_on_t": False, "inverting_network": "reference"}, cached_inversion=True),
     Rung("kto", "Diffusion-KTO", "kto"),
     Rung("mapo", "MaPO", "mapo"),
     Rung("sft", "SFT (winners)", "sft"),
@@ -202,6 +209,9 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
             start_unet = sft_dir / "final" / "unet"
         config = train_config(rung.method, base, dataset, run_dir, demo_cfg, rung.objective, resume=True,
                               unet=start_unet)
+        if rung.cached_inversion:
+            config = replace(config, data=replace(config.data, dataset="", cache=str(inversion_cache_dir(root)),
+                                                  cached_inversion=True))
         if not (run_dir / "final").is_dir():  # the export is written last, atomically
             train(config)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -222,6 +232,33 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
     write_json(result_path, result)
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def inversion_cache_dir(root: Path) -> Path:
+    return root / "inversion-cache"
+
+
+def build_inversion_cache(cfg: StudyConfig, root: Path, base: Path, dataset: Path) -> None:
+    """``smpo cache --store-inversion`` of the pair set with the base as the reference, for the
+    rungs with ``cached_inversion`` (their objectives must agree on the inversion settings)."""
+    from smpo.data.cache import InversionSpec, build_cache
+    from smpo.models.family import load_family
+    from smpo.objective import ObjectiveConfig
+
+    specs = set()
+    for key in cfg.rungs:
+        rung = RUNG_BY_KEY[key]
+        if rung.cached_inversion:
+            o = ObjectiveConfig(method=rung.method, **rung.objective).resolved()
+            specs.add(InversionSpec(unet=str(base), steps=o.inversion_steps, renoise_iters=o.effective_renoise_iters,
+                                    land_on_t=o.land_on_t, guidance=o.inversion_guidance))
+    if not specs:
+        return
+    if len(specs) > 1:
+        raise ValueError(f"the cached-inversion rungs disagree on the inversion settings: {specs}")
+    family = load_family(base, with_unet=True)
+    build_cache(dataset, inversion_cache_dir(root), family, model=str(base), shard_size=512, batch_size=64,
+                inversion=specs.pop(), progress=False)
 
 
 def _run_job_args(args: tuple[Job, StudyConfig, Path, Path, Path]) -> tuple[str, dict[str, Any]]:
@@ -408,7 +445,7 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
     for ax in axes[1:]:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel("held-out median lift (tuned, mean over seeds)")
-    if axes[3].lines:
+    if axes[3].get_legend_handles_labels()[0]:
         axes[3].legend(fontsize=7)
     fig.suptitle(f"Miniature world: Table 3 ladder and baselines ({len(cfg.seeds)} seeds)")
     fig.tight_layout()
@@ -451,6 +488,12 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
         dataset = root / "labelled"
     dataset = Path(dataset)
     started = time.time()
+    if not report_only and not (inversion_cache_dir(root) / "manifest.parquet").is_file():
+        import torch
+
+        progress("smpo study: caching the base's inversion of the pair set (smpo cache --store-inversion)")
+        torch.set_num_threads(max(workers, 1))
+        build_inversion_cache(cfg, root, base, dataset)
 
     progress("smpo study: tuning learning rates on the validation prompts")
     tune = [Job("base", 0.0, s, "validation") for s in cfg.tune_seeds]
