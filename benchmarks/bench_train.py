@@ -123,8 +123,11 @@ class Row:
     timers: dict[str, float] = field(default_factory=dict)
     frozen_eval_seconds: float = float("nan")
     """Seconds per sample of one no-grad call of the frozen network (the reference copy in full
-    mode, the adapters-off view in LoRA mode) on a batch of 2 x pairs-per-step latents: the unit of
-    the SmPO rows' floor."""
+    mode, the adapters-off view in LoRA mode) on a full batch of 2 x pairs-per-step latents."""
+    nograd_calls: dict[int, int] = field(default_factory=dict)
+    """The timed steps' no-grad UNet calls (inversion and reference), counted by batch size."""
+    frozen_call_seconds: dict[int, float] = field(default_factory=dict)
+    """Seconds of one no-grad call of the frozen network at each batch size in ``nograd_calls``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +290,11 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
 
     original_unet_output = fam.unet_output
 
+    nograd_calls: dict[int, int] = {}
+
     def timed_unet_output(unet: Any, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            nograd_calls[x_t.shape[0]] = nograd_calls.get(x_t.shape[0], 0) + 1
         _sync(device)
         start = time.perf_counter()
         out = original_unet_output(unet, x_t, t, c)
@@ -309,6 +316,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
             if step == warmup:
                 fam.reset_counters()
                 timers = Timers()
+                nograd_calls.clear()
             _sync(device)
             start = time.perf_counter()
             seeds = [settings.seed + step * per_step + i for i in range(per_step)]
@@ -345,10 +353,12 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_rss_process"
     inside = timers.unet_forward + timers.backward + timers.optimizer
-    frozen = float("nan")
+    frozen, call_seconds = float("nan"), {}
     if not authors and reference is not None:
         counters = fam.unet_evals, fam.unet_calls
-        frozen = frozen_eval_seconds(fam, reference, cond, 2 * per_step, device, dtype)  # type: ignore[arg-type]
+        for size in sorted({*nograd_calls, 2 * per_step}):
+            call_seconds[size] = size * frozen_eval_seconds(fam, reference, cond, size, device, dtype)  # type: ignore[arg-type]
+        frozen = call_seconds[2 * per_step] / (2 * per_step)
         fam.unet_evals, fam.unet_calls = counters
     row = Row(
         family=settings.family, preset=settings.preset, mode=mode, method=method, pairs_per_step=per_step,
@@ -358,6 +368,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
         share_outside_unet=(timers.total - inside - timers.encode) / timers.total if timers.total else 0.0,
         last_loss=last_loss, objective=asdict(cfg.resolved()),
         timers={k: v / pairs for k, v in asdict(timers).items()}, frozen_eval_seconds=frozen,
+        nograd_calls=dict(sorted(nograd_calls.items())), frozen_call_seconds=call_seconds,
     )
     del optimizer, reference, params
     gc.collect()
@@ -435,41 +446,62 @@ def markdown(results: dict[str, Any]) -> str:
              f"dtype {results['dtype']}, gradient checkpointing {results['gradient_checkpointing']}, "
              f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up.", "",
              "| family | mode | method | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
-             "peak memory (GiB) | time outside UNet+optimizer | floor s/pair | x floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    floors = floor_of(rows)
+             "peak memory (GiB) | time outside UNet+optimizer | floor s/pair | x floor | x full-batch floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    floors, sample_floors = floor_of(rows), floor_of(rows, "samples")
     for r in rows:
-        floor = floors.get((r["family"], r["mode"], r["method"]))
-        tail = f"| {floor:.4f} | {r['seconds_per_pair'] / floor:.2f}x |" if floor else "| | |"
+        key = (r["family"], r["mode"], r["method"])
+        floor, sample_floor = floors.get(key), sample_floors.get(key)
+        tail = (f"| {floor:.4f} | {r['seconds_per_pair'] / floor:.2f}x | {r['seconds_per_pair'] / sample_floor:.2f}x |"
+                if floor and sample_floor else "| | | |")
         lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['pairs_per_step']} | {r['seconds_per_pair']:.4f} "
                      f"| {r['seconds_per_pair_mean']:.4f} | {r['unet_evals_per_pair']:.1f} | {r['peak_memory_gib']:.2f} "
                      f"| {100 * r['share_outside_unet']:.1f}% {tail}")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | | | | |")
     lines += ["", "Memory: " + ("CUDA max_memory_allocated per row." if rows and rows[0]["memory_kind"].startswith("cuda")
                                 else "peak RSS of a fresh process per row (includes building the model)."),
               "Seconds per pair: the median step time (robust to a shared machine's stalls) over the "
               "pairs of a step; the mean is beside it. UNet evals count forward sample-evaluations (a call on 4 latents counts 4); KTO's pair is its two "
               "images. 'Time outside' is the share of the step spent neither in UNet forward calls, the backward "
               "pass, the optimizer step nor (authors-recipe) the VAE/text encoding.",
-              "Floor (SmPO rows): the same run's DPO time per pair plus the row's extra UNet evaluations per pair "
-              "(above DPO's) times the row's measured cost of one no-grad evaluation of the frozen network per "
-              "sample (reference copy in full mode, adapters-off view in LoRA mode; `frozen_eval_seconds` in the "
-              "JSON): what SmPO must compute beyond DPO, at the best per-sample price.", ""]
+              "Floor (SmPO rows): the same run's DPO time per pair plus what the row computes beyond DPO, priced "
+              "on the frozen network (reference copy in full mode, adapters-off view in LoRA mode), measured in "
+              "the row's process: its no-grad UNet calls at their batch sizes (samples leave the inversion at "
+              "their own t), each at the time of one frozen call of that size, less the reference call DPO also "
+              "makes. 'x full-batch floor' prices the extra evaluations at the full batch's per-sample cost "
+              "instead (a lower bound no per-sample-t inversion reaches where small calls cost more per sample).",
+              ""]
     lines += _ratios(rows)
     return "\n".join(lines) + "\n"
 
 
-def floor_of(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], float]:
-    """Each SmPO row's floor in seconds per pair (see the markdown's note), keyed by (family, mode, method)."""
+def floor_of(rows: list[dict[str, Any]], kind: str = "calls") -> dict[tuple[str, str, str], float]:
+    """Each SmPO row's floor in seconds per pair, keyed by (family, mode, method): the same run's DPO
+    time per pair plus what the row computes beyond it, priced on the frozen network.
+
+    ``kind="calls"``: the row's no-grad calls as it makes them (their batch sizes: a sample stops
+    inverting at its own t, so later grid steps run on fewer samples), each at the measured time of
+    a frozen call of that size, less the one reference call DPO also makes per step.
+    ``kind="samples"``: the extra UNet evaluations per pair at the full batch's per-sample price.
+    """
     dpo = {(r["family"], r["mode"]): r for r in rows if r["method"] == "dpo"}
     floors = {}
     for r in rows:
         base = dpo.get((r["family"], r["mode"]))
-        if r["method"] in SMPO_ROWS and base is not None and r.get("frozen_eval_seconds") == r.get("frozen_eval_seconds"):
-            extra = max(r["unet_evals_per_pair"] - base["unet_evals_per_pair"], 0.0)
-            floors[r["family"], r["mode"], r["method"]] = base["seconds_per_pair"] + extra * r["frozen_eval_seconds"]
+        if r["method"] not in SMPO_ROWS or base is None or not r.get("frozen_call_seconds"):
+            continue
+        if kind == "samples":
+            extra = max(r["unet_evals_per_pair"] - base["unet_evals_per_pair"], 0.0) * r["frozen_eval_seconds"]
+        else:
+            price = {int(k): v for k, v in r["frozen_call_seconds"].items()}
+            calls = {int(k): v for k, v in r["nograd_calls"].items()}
+            full = 2 * r["pairs_per_step"]
+            steps = r["pairs"] / r["pairs_per_step"]
+            calls[full] = calls.get(full, 0) - steps  # the reference's loss call, as in DPO
+            extra = sum(n * price[size] for size, n in calls.items()) / r["pairs"]
+        floors[r["family"], r["mode"], r["method"]] = base["seconds_per_pair"] + extra
     return floors
 
 
