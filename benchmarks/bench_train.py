@@ -40,6 +40,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -121,10 +122,21 @@ class Row:
     last_loss: float
     objective: dict[str, Any]
     timers: dict[str, float] = field(default_factory=dict)
-    frozen_eval_seconds: float = float("nan")
-    """Seconds per sample of one no-grad call of the frozen network (the reference copy in full
-    mode, the adapters-off view in LoRA mode) on a batch of 2 x pairs-per-step latents: the unit of
-    the SmPO rows' floor."""
+    floor_seconds_per_pair: float = float("nan")
+    """SmPO rows: the median over timed steps of (a DPO step of the same batch, run right after the
+    row's step in the same process) + (the row's step's no-grad UNet calls, less the reference call
+    DPO also makes, replayed as calls of the frozen network of the same batch sizes), per pair."""
+    full_batch_floor_seconds_per_pair: float = float("nan")
+    """The same with the extra evaluations priced at the full batch's per-sample cost."""
+    floor_ratio: float = float("nan")
+    """SmPO rows: the median over timed steps of (step time / that step's floor): each step against
+    the floor measured right after it (robust to the machine's drift)."""
+    full_batch_floor_ratio: float = float("nan")
+    nograd_calls: dict[int, int] = field(default_factory=dict)
+    """The timed steps' no-grad UNet calls (inversion and reference), counted by batch size."""
+    frozen_call_seconds: dict[int, float] = field(default_factory=dict)
+    """Median seconds of one no-grad call of the frozen network (reference copy in full mode, the
+    adapters-off view in LoRA mode) at each batch size, measured between the row's steps."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,26 +255,6 @@ def _store_inversion(fam: FamilyAdapter, reference: Any, batch: PairBatch, cfg: 
     batch.inverted_w, batch.inverted_l = stored
 
 
-def frozen_eval_seconds(fam: FamilyAdapter, reference: Any, cond: Conditioning, samples: int, device: torch.device,
-                        dtype: torch.dtype, repeats: int = 8) -> float:
-    """Median seconds per sample of one no-grad call of ``reference`` on ``samples`` latents."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(samples, fam.latent_channels, fam.latent_size, fam.latent_size, generator=g).to(device)
-    t = torch.randint(0, fam.num_timesteps, (samples,), generator=g).to(device)
-    c = cond.index([0] * samples).to(device)
-    times = []
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.no_grad(), autocast:
-        for k in range(repeats + 2):
-            _sync(device)
-            start = time.perf_counter()
-            type(fam).unet_output(fam, reference, x, t, c)
-            _sync(device)
-            if k >= 2:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) / samples
-
-
 def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, free_encoders: bool = False) -> Row:
     """Time one (method, mode) row. ``free_encoders``: drop the VAE and text encoders for rows that
     read the cache (a one-row process measuring its peak RSS)."""
@@ -286,8 +278,14 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     timers = Timers()
 
     original_unet_output = fam.unet_output
+    nograd_calls: dict[int, int] = {}  # the step's no-grad UNet calls by batch size
+    recording = [True]
 
     def timed_unet_output(unet: Any, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        if not recording[0]:
+            return original_unet_output(unet, x_t, t, c)
+        if not torch.is_grad_enabled():
+            nograd_calls[x_t.shape[0]] = nograd_calls.get(x_t.shape[0], 0) + 1
         _sync(device)
         start = time.perf_counter()
         out = original_unet_output(unet, x_t, t, c)
@@ -300,8 +298,59 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     steps = settings.steps * settings.pairs_per_step // per_step
     warmup = max(settings.warmup * settings.pairs_per_step // per_step, settings.warmup)
     generator = torch.Generator().manual_seed(settings.seed)
+
+    def one_step(step: int, objective: ObjectiveConfig) -> tuple[float, float]:
+        """One optimizer step of ``objective``; (seconds, loss)."""
+        nonlocal timers
+        _sync(device)
+        start = time.perf_counter()
+        seeds = [settings.seed + step * per_step + i for i in range(per_step)]
+        if authors:
+            batch = _authors_batch(fam, seeds[0], device, generator, timers)
+        else:
+            batch = _cached_batch(latent_shape, cond, seeds, device, generator)  # type: ignore[arg-type]
+            if objective is cfg and method.endswith("-cached"):
+                mark = time.perf_counter()
+                with autocast:
+                    _store_inversion(fam, reference, batch, cfg.resolved())
+                start += time.perf_counter() - mark  # made by `smpo cache`, not by the step
+        with autocast:
+            out = compute_loss(fam, policy, reference, batch, objective)
+        _sync(device)
+        mark = time.perf_counter()
+        out.loss.backward()
+        _sync(device)
+        backward = time.perf_counter() - mark
+        mark = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if recording[0]:
+            timers.backward += backward
+            timers.optimizer += time.perf_counter() - mark
+            timers.total += time.perf_counter() - start
+        return time.perf_counter() - start, float(out.loss.detach())
+
+    def frozen_call(size: int) -> float:
+        """Seconds of one no-grad call of the frozen network on ``size`` latents."""
+        g = torch.Generator().manual_seed(size)
+        x = torch.randn(size, latent_shape[0], latent_shape[1], latent_shape[1], generator=g).to(device)
+        t = torch.randint(0, fam.num_timesteps, (size,), generator=g).to(device)
+        c = cond.index([0] * size).to(device)  # type: ignore[union-attr]
+        with torch.no_grad(), autocast:
+            _sync(device)
+            start = time.perf_counter()
+            original_unet_output(reference, x, t, c)
+            _sync(device)
+        return time.perf_counter() - start
+
     last_loss = float("nan")
     step_times: list[float] = []
+    floors: list[float] = []
+    full_batch_floors: list[float] = []
+    call_times: dict[int, list[float]] = {}
+    calls_total: dict[int, int] = {}
+    dpo_cfg = ObjectiveConfig(method="dpo")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -309,34 +358,31 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
             if step == warmup:
                 fam.reset_counters()
                 timers = Timers()
-            _sync(device)
-            start = time.perf_counter()
-            seeds = [settings.seed + step * per_step + i for i in range(per_step)]
-            if authors:
-                batch = _authors_batch(fam, seeds[0], device, generator, timers)
-            else:
-                batch = _cached_batch(latent_shape, cond, seeds, device, generator)  # type: ignore[arg-type]
-                if method.endswith("-cached"):
-                    mark = time.perf_counter()
-                    with autocast:
-                        _store_inversion(fam, reference, batch, cfg.resolved())
-                    start += time.perf_counter() - mark  # made by `smpo cache`, not by the step
-            with autocast:
-                out = compute_loss(fam, policy, reference, batch, cfg)
-            _sync(device)
-            mark = time.perf_counter()
-            out.loss.backward()
-            _sync(device)
-            timers.backward += time.perf_counter() - mark
-            mark = time.perf_counter()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _sync(device)
-            timers.optimizer += time.perf_counter() - mark
-            timers.total += time.perf_counter() - start
-            if step >= warmup:
-                step_times.append(time.perf_counter() - start)
-            last_loss = float(out.loss.detach())
+                calls_total.clear()
+            nograd_calls.clear()
+            seconds, last_loss = one_step(step, cfg)
+            if step < warmup:
+                continue
+            step_times.append(seconds)
+            for size, n in nograd_calls.items():
+                calls_total[size] = calls_total.get(size, 0) + n
+            if method in SMPO_ROWS:
+                # The floor, interleaved with the row's steps in this process (the machine's speed
+                # drifts): a DPO step of the same batch size, and one frozen call of each size.
+                calls, counters = dict(nograd_calls), (fam.unet_evals, fam.unet_calls)
+                full = 2 * per_step
+                calls[full] = calls.get(full, 0) - 1  # the reference call of the loss, as in DPO
+                recording[0] = False
+                dpo_seconds, _ = one_step(step, dpo_cfg)
+                replay = {size: [frozen_call(size) for _ in range(n)] for size, n in calls.items() if n > 0}
+                full_price = frozen_call(full)
+                recording[0] = True
+                fam.unet_evals, fam.unet_calls = counters
+                for size, values in replay.items():
+                    call_times.setdefault(size, []).extend(values)
+                floors.append(dpo_seconds + sum(sum(values) for values in replay.values()))
+                extra_evals = sum(size * n for size, n in calls.items())
+                full_batch_floors.append(dpo_seconds + extra_evals * full_price / full)
     finally:
         fam.unet_output = original_unet_output  # type: ignore[method-assign]
     pairs = steps * per_step
@@ -345,11 +391,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_rss_process"
     inside = timers.unet_forward + timers.backward + timers.optimizer
-    frozen = float("nan")
-    if not authors and reference is not None:
-        counters = fam.unet_evals, fam.unet_calls
-        frozen = frozen_eval_seconds(fam, reference, cond, 2 * per_step, device, dtype)  # type: ignore[arg-type]
-        fam.unet_evals, fam.unet_calls = counters
+    call_seconds = {size: statistics.median(v) for size, v in sorted(call_times.items())}
     row = Row(
         family=settings.family, preset=settings.preset, mode=mode, method=method, pairs_per_step=per_step,
         pairs=pairs, seconds_per_pair=statistics.median(step_times) / per_step,
@@ -357,9 +399,17 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
         unet_calls_per_pair=fam.unet_calls / pairs, peak_memory_gib=peak, memory_kind=kind,
         share_outside_unet=(timers.total - inside - timers.encode) / timers.total if timers.total else 0.0,
         last_loss=last_loss, objective=asdict(cfg.resolved()),
-        timers={k: v / pairs for k, v in asdict(timers).items()}, frozen_eval_seconds=frozen,
+        timers={k: v / pairs for k, v in asdict(timers).items()},
+        floor_seconds_per_pair=statistics.median(floors) / per_step if floors else float("nan"),
+        full_batch_floor_seconds_per_pair=(statistics.median(full_batch_floors) / per_step
+                                           if full_batch_floors else float("nan")),
+        nograd_calls=calls_total, frozen_call_seconds=call_seconds,
+        floor_ratio=statistics.median(a / b for a, b in zip(step_times, floors)) if floors else float("nan"),
+        full_batch_floor_ratio=(statistics.median(a / b for a, b in zip(step_times, full_batch_floors))
+                                if full_batch_floors else float("nan")),
     )
-    del optimizer, reference, params
+    optimizer.state.clear()  # free the optimizer state before the next row (the closures keep the names)
+    params.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -435,42 +485,41 @@ def markdown(results: dict[str, Any]) -> str:
              f"dtype {results['dtype']}, gradient checkpointing {results['gradient_checkpointing']}, "
              f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up.", "",
              "| family | mode | method | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
-             "peak memory (GiB) | time outside UNet+optimizer | floor s/pair | x floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory (GiB) | time outside UNet+optimizer | floor s/pair | x floor | x full-batch floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     floors = floor_of(rows)
     for r in rows:
         floor = floors.get((r["family"], r["mode"], r["method"]))
-        tail = f"| {floor:.4f} | {r['seconds_per_pair'] / floor:.2f}x |" if floor else "| | |"
+        tail = (f"| {floor:.4f} | {r['floor_ratio']:.2f}x | {r['full_batch_floor_ratio']:.2f}x |" if floor
+                else "| | | |")
         lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['pairs_per_step']} | {r['seconds_per_pair']:.4f} "
                      f"| {r['seconds_per_pair_mean']:.4f} | {r['unet_evals_per_pair']:.1f} | {r['peak_memory_gib']:.2f} "
                      f"| {100 * r['share_outside_unet']:.1f}% {tail}")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | | | | |")
     lines += ["", "Memory: " + ("CUDA max_memory_allocated per row." if rows and rows[0]["memory_kind"].startswith("cuda")
                                 else "peak RSS of a fresh process per row (includes building the model)."),
               "Seconds per pair: the median step time (robust to a shared machine's stalls) over the "
               "pairs of a step; the mean is beside it. UNet evals count forward sample-evaluations (a call on 4 latents counts 4); KTO's pair is its two "
               "images. 'Time outside' is the share of the step spent neither in UNet forward calls, the backward "
               "pass, the optimizer step nor (authors-recipe) the VAE/text encoding.",
-              "Floor (SmPO rows): the same run's DPO time per pair plus the row's extra UNet evaluations per pair "
-              "(above DPO's) times the row's measured cost of one no-grad evaluation of the frozen network per "
-              "sample (reference copy in full mode, adapters-off view in LoRA mode; `frozen_eval_seconds` in the "
-              "JSON): what SmPO must compute beyond DPO, at the best per-sample price.", ""]
+              "Floor (SmPO rows), measured in the row's own process, interleaved with its steps (a shared "
+              "machine's speed drifts between processes): after each timed step, a DPO step of the same batch "
+              "size, plus the step's no-grad UNet calls (inversion; the samples leave it at their own t, so later "
+              "calls are smaller), less the reference call DPO also makes, replayed as calls of the frozen network "
+              "(reference copy in full mode, adapters-off view in LoRA mode) of the same sizes; the median over "
+              "steps. 'x floor' is the median over steps of each step's time over the floor measured right after it. 'x full-batch floor' prices the extra evaluations at the full batch's per-sample cost "
+              "instead (a bound a per-sample-t inversion cannot reach where small calls cost more per sample).",
+              ""]
     lines += _ratios(rows)
     return "\n".join(lines) + "\n"
 
 
 def floor_of(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], float]:
-    """Each SmPO row's floor in seconds per pair (see the markdown's note), keyed by (family, mode, method)."""
-    dpo = {(r["family"], r["mode"]): r for r in rows if r["method"] == "dpo"}
-    floors = {}
-    for r in rows:
-        base = dpo.get((r["family"], r["mode"]))
-        if r["method"] in SMPO_ROWS and base is not None and r.get("frozen_eval_seconds") == r.get("frozen_eval_seconds"):
-            extra = max(r["unet_evals_per_pair"] - base["unet_evals_per_pair"], 0.0)
-            floors[r["family"], r["mode"], r["method"]] = base["seconds_per_pair"] + extra * r["frozen_eval_seconds"]
-    return floors
+    """Each SmPO row's floor in seconds per pair (``Row.floor_seconds_per_pair``), by (family, mode, method)."""
+    return {(r["family"], r["mode"], r["method"]): r["floor_seconds_per_pair"] for r in rows
+            if r["method"] in SMPO_ROWS and math.isfinite(r.get("floor_seconds_per_pair", float("nan")))}
 
 
 def _ratios(rows: list[dict[str, Any]]) -> list[str]:

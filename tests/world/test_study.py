@@ -24,7 +24,8 @@ def test_ladder_rungs_are_the_papers_settings():
     assert resolved["smpo-forward"].noising == "forward" and resolved["smpo-forward"].labels == "smoothed"
     assert {r.method for r in RUNGS} == {"dpo", "smpo", "kto", "mapo", "sft"}
     assert resolved["smpo-inpo"].inversion_noise == 0.1 and not resolved["smpo-inpo"].land_on_t
-    assert all(r.start is None for r in RUNGS if r.key != "smpo-after-sft")
+    assert {r.key for r in RUNGS if r.start == "sft"} == {"smpo-after-sft", "dpo-after-sft", "sft-after-sft"}
+    assert all(r.start in (None, "sft") for r in RUNGS)
 
 
 def test_sft_start_trains_sft_first_then_the_rung_from_its_unet(tmp_path, monkeypatch):

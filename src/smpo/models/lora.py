@@ -56,14 +56,38 @@ def lora_parameters(unet: Any) -> list[torch.nn.Parameter]:
     return [p for name, p in unet.named_parameters() if "lora_" in name]
 
 
+def adapter_layers(unet: Any) -> list[Any]:
+    """The peft adapter layers (``BaseTunerLayer``) of ``unet``, in module order."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
-def adapters_disabled(unet: Any) -> Iterator[Any]:
-    """Run a block with ``unet``'s adapters off (the base model); turn them back on afterwards, even on error."""
-    unet.disable_adapters()
+def adapters_disabled(unet: Any, layers: Sequence[Any] | None = None) -> Iterator[Any]:
+    """Run a block with ``unet``'s adapters off (the base model); restore them afterwards, even on error.
+
+    Sets the flag every adapter layer's forward reads (peft's ``disable_adapters``) on the given
+    ``layers`` (default: `adapter_layers`). peft's own ``unet.disable_adapters()`` walks every
+    module and changes ``requires_grad`` on each switch, which costs a third of a small UNet's
+    call per switch; the objective switches around every reference call, under ``no_grad``.
+    """
+    layers = adapter_layers(unet) if layers is None else layers
+    if not all(hasattr(layer, "_disable_adapters") for layer in layers):  # another peft layout: its own switch
+        unet.disable_adapters()
+        try:
+            yield unet
+        finally:
+            unet.enable_adapters()
+        return
+    previous = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        for layer, state in zip(layers, previous):
+            layer._disable_adapters = state
 
 
 class AdaptersOffView:
@@ -75,6 +99,7 @@ class AdaptersOffView:
 
     def __init__(self, unet: Any) -> None:
         self.unet = unet
+        self.layers = adapter_layers(unet)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,34 +110,40 @@ class AdaptersOffView:
         return self.unet.config
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with adapters_disabled(self.unet):
+        with adapters_disabled(self.unet, self.layers):
             return self.unet(*args, **kwargs)
 
 
 class MergedAdaptersView:
     """A LoRA policy for no-grad calls (the inversion): its adapters folded into copies of the
-    adapted layers' base weights (``W + scale B A``, peft's ``get_delta_weight``), called with the
-    adapters off through ``torch.func.functional_call``, so each call costs what the base network
-    costs. The module's own weights are not touched; build a new view after each optimizer step.
-    Equal to calling ``unet`` itself up to rounding (exact math; the merged weight is kept in the
-    base weight's dtype, as autocast would compute it).
+    adapted layers' base weights (``W + scale B A``, peft's ``get_delta_weight``). A call swaps the
+    copies in (``.data``, no copy), runs the network with its adapters off, and swaps the original
+    weights back, so each call costs what the base network costs and the module's own weights are
+    never modified. Build a new view after each optimizer step. Equal to calling ``unet`` itself
+    up to rounding (the merged weight is kept in the base weight's dtype, as autocast computes it).
     """
 
     def __init__(self, unet: Any) -> None:
         from peft.tuners.lora import LoraLayer
 
         self.unet = unet
+        self.adapter_layers = adapter_layers(unet)
+        self.layers: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         with torch.no_grad():
-            self.weights = {}
-            for name, module in unet.named_modules():
+            for module in self.adapter_layers:
                 if not isinstance(module, LoraLayer) or not module.active_adapters:
                     continue
-                base = module.get_base_layer()
-                merged = base.weight.detach().float()
+                weight = module.get_base_layer().weight
+                merged = weight.detach().float()
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         merged = merged + module.get_delta_weight(adapter).float()
-                self.weights[f"{name}.base_layer.weight"] = merged.to(base.weight.dtype)
+                self.layers.append((weight, merged.to(weight.dtype)))
+
+    @property
+    def weights(self) -> dict[int, torch.Tensor]:
+        """The merged weights, one per adapted layer (in module order)."""
+        return {k: merged for k, (_, merged) in enumerate(self.layers)}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,8 +154,15 @@ class MergedAdaptersView:
         return self.unet.config
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with adapters_disabled(self.unet):
-            return torch.func.functional_call(self.unet, self.weights, args, kwargs, strict=False)
+        originals = [weight.data for weight, _ in self.layers]
+        try:
+            for weight, merged in self.layers:
+                weight.data = merged
+            with adapters_disabled(self.unet, self.adapter_layers):
+                return self.unet(*args, **kwargs)
+        finally:
+            for (weight, _), original in zip(self.layers, originals):
+                weight.data = original
 
 
 def inference_view(network: Any) -> Any:

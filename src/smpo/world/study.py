@@ -71,6 +71,9 @@ RUNGS: tuple[Rung, ...] = (
          {"land_on_t": False, "inversion_noise": 0.1}),
     Rung("smpo-after-sft", "SFT, then SmPO (authors' grid; twice the steps)", "smpo", {"land_on_t": False},
          start="sft"),
+    # Controls of the SFT start: the same two stages with DPO, and SFT for both stages.
+    Rung("dpo-after-sft", "SFT, then Diffusion-DPO (twice the steps)", "dpo", start="sft"),
+    Rung("sft-after-sft", "SFT, then SFT again (twice the steps)", "sft", start="sft"),
     # Issue 11: the reference's inversion, stored once by `smpo cache` (equal to inverting with the
     # reference live, up to fp16), on the authors' grid: no inversion call is left in training.
     Rung("smpo-cached", "SmPO, reference inversion cached (authors' grid)", "smpo",
