@@ -132,6 +132,8 @@ class Row:
     """SmPO rows: the median over timed steps of (step time / that step's floor): each step against
     the floor measured right after it (robust to the machine's drift)."""
     full_batch_floor_ratio: float = float("nan")
+    dpo_ratio: float = float("nan")
+    """SmPO rows: the median over timed steps of (step time / the DPO step run right after it)."""
     nograd_calls: dict[int, int] = field(default_factory=dict)
     """The timed steps' no-grad UNet calls (inversion and reference), counted by batch size."""
     frozen_call_seconds: dict[int, float] = field(default_factory=dict)
@@ -348,6 +350,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     step_times: list[float] = []
     floors: list[float] = []
     full_batch_floors: list[float] = []
+    dpo_times: list[float] = []
     call_times: dict[int, list[float]] = {}
     calls_total: dict[int, int] = {}
     dpo_cfg = ObjectiveConfig(method="dpo")
@@ -380,6 +383,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
                 fam.unet_evals, fam.unet_calls = counters
                 for size, values in replay.items():
                     call_times.setdefault(size, []).extend(values)
+                dpo_times.append(dpo_seconds)
                 floors.append(dpo_seconds + sum(sum(values) for values in replay.values()))
                 extra_evals = sum(size * n for size, n in calls.items())
                 full_batch_floors.append(dpo_seconds + extra_evals * full_price / full)
@@ -407,6 +411,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
         floor_ratio=statistics.median(a / b for a, b in zip(step_times, floors)) if floors else float("nan"),
         full_batch_floor_ratio=(statistics.median(a / b for a, b in zip(step_times, full_batch_floors))
                                 if full_batch_floors else float("nan")),
+        dpo_ratio=statistics.median(a / b for a, b in zip(step_times, dpo_times)) if dpo_times else float("nan"),
     )
     optimizer.state.clear()  # free the optimizer state before the next row (the closures keep the names)
     params.clear()
@@ -485,19 +490,20 @@ def markdown(results: dict[str, Any]) -> str:
              f"dtype {results['dtype']}, gradient checkpointing {results['gradient_checkpointing']}, "
              f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up.", "",
              "| family | mode | method | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
-             "peak memory (GiB) | time outside UNet+optimizer | floor s/pair | x floor | x full-batch floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory (GiB) | time outside UNet+optimizer | floor s/pair | x floor | x full-batch floor | "
+             "x DPO (same process) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     floors = floor_of(rows)
     for r in rows:
         floor = floors.get((r["family"], r["mode"], r["method"]))
-        tail = (f"| {floor:.4f} | {r['floor_ratio']:.2f}x | {r['full_batch_floor_ratio']:.2f}x |" if floor
-                else "| | | |")
+        tail = (f"| {floor:.4f} | {r['floor_ratio']:.2f}x | {r['full_batch_floor_ratio']:.2f}x | "
+                f"{r['dpo_ratio']:.2f}x |" if floor else "| | | | |")
         lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['pairs_per_step']} | {r['seconds_per_pair']:.4f} "
                      f"| {r['seconds_per_pair_mean']:.4f} | {r['unet_evals_per_pair']:.1f} | {r['peak_memory_gib']:.2f} "
                      f"| {100 * r['share_outside_unet']:.1f}% {tail}")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | | | | | |")
     lines += ["", "Memory: " + ("CUDA max_memory_allocated per row." if rows and rows[0]["memory_kind"].startswith("cuda")
                                 else "peak RSS of a fresh process per row (includes building the model)."),
               "Seconds per pair: the median step time (robust to a shared machine's stalls) over the "
@@ -509,7 +515,9 @@ def markdown(results: dict[str, Any]) -> str:
               "size, plus the step's no-grad UNet calls (inversion; the samples leave it at their own t, so later "
               "calls are smaller), less the reference call DPO also makes, replayed as calls of the frozen network "
               "(reference copy in full mode, adapters-off view in LoRA mode) of the same sizes; the median over "
-              "steps. 'x floor' is the median over steps of each step's time over the floor measured right after it. 'x full-batch floor' prices the extra evaluations at the full batch's per-sample cost "
+              "steps. 'x floor' is the median over steps of each step's time over the floor measured right after it; "
+              "'x DPO (same process)' likewise over the DPO step run right after it. The ratios in the list below "
+              "compare rows run in different processes (at different moments of a shared machine). 'x full-batch floor' prices the extra evaluations at the full batch's per-sample cost "
               "instead (a bound a per-sample-t inversion cannot reach where small calls cost more per sample).",
               ""]
     lines += _ratios(rows)
