@@ -93,6 +93,7 @@ class Settings:
     lora_rank: int
     optimizer: str
     seed: int = 0
+    floor: bool = True  # measure the SmPO rows' floor between their steps
 
 
 @dataclass
@@ -369,7 +370,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
             step_times.append(seconds)
             for size, n in nograd_calls.items():
                 calls_total[size] = calls_total.get(size, 0) + n
-            if method in SMPO_ROWS:
+            if method in SMPO_ROWS and settings.floor:
                 # The floor, interleaved with the row's steps in this process (the machine's speed
                 # drifts): a DPO step of the same batch size, and one frozen call of each size.
                 calls, counters = dict(nograd_calls), (fam.unet_evals, fam.unet_calls)
@@ -446,7 +447,7 @@ def _settings(args: argparse.Namespace, family: str) -> Settings:
     return Settings(preset=args.preset, family=family, device=args.device, dtype=args.dtype,
                     gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, warmup=args.warmup,
                     pairs_per_step=args.pairs_per_step, lora_rank=args.lora_rank, optimizer=args.optimizer,
-                    seed=args.seed)
+                    seed=args.seed, floor=not args.no_floor)
 
 
 def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str) -> dict[str, Any]:
@@ -462,6 +463,8 @@ def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str)
             command += ["--threads", str(args.threads)]
         if args.gradient_checkpointing:
             command.append("--gradient-checkpointing")
+        if args.no_floor:
+            command.append("--no-floor")
         done = subprocess.run(command, check=False)
         if done.returncode != 0 or not out.exists():
             return {"family": family, "method": method, "mode": mode, "error": f"exit status {done.returncode}"}
@@ -564,6 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizer", default="auto", help="auto (AdamW; Adafactor for SDXL), adamw, adafactor, sgd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the SmPO rows' floor (a DPO step and a replay of the inversion after each step)")
     parser.add_argument("--out", default=None, help="results JSON (the .md table beside it); default results/<device>-<preset>.json")
     isolate = parser.add_mutually_exclusive_group()
     isolate.add_argument("--isolate", dest="isolate", action="store_true", default=None,
