@@ -75,8 +75,13 @@ METHODS = ("smpo", "smpo-land-on-t", "smpo-cached", "smpo-land-on-t-cached", "dp
            "authors-recipe")
 SMPO_ROWS = ("smpo", "smpo-land-on-t", "smpo-cached", "smpo-land-on-t-cached")
 MODES = ("full", "lora")
-AUTHORS_GRID = {"sd15": 5, "sdxl": 10}  # the authors' inversion grid per family (ALGORITHM.md section 6)
-PRESET_FAMILIES = {"tiny": ("sd15", "sdxl"), "sd15": ("sd15",), "sdxl": ("sdxl",)}
+AUTHORS_GRID = {"sd15": 5, "sdxl": 10, "sd3": 10, "flux": 10}  # the inversion grid per family (ALGORITHM.md
+# section 6; SD3/FLUX: their recipes' 10-step Euler grid)
+PRESET_FAMILIES = {"tiny": ("sd15", "sdxl", "sd3", "flux"), "sd15": ("sd15",), "sdxl": ("sdxl",)}
+FLOW = ("sd3", "flux")
+FLOW_ROWS = ("smpo", "dpo", "kto", "mapo", "sft")
+"""Rows of the flow families: their inversion always lands on s (no land-on-t variant), the cached
+inversion is DDIM-only, and no authors' script exists for them."""
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
 
@@ -157,11 +162,13 @@ def build_family(family: str, preset: str, device: torch.device, seed: int) -> F
 
     with torch.device(device):
         pipe = build_pipeline(family, preset, seed=seed)  # type: ignore[arg-type]
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
-    for module in [pipe.unet, pipe.vae, *encoders]:
+    suffixes = {"sd15": ("",), "sdxl": ("", "_2"), "sd3": ("", "_2", "_3"), "flux": ("", "_2")}[family]
+    encoders = [getattr(pipe, f"text_encoder{k}") for k in suffixes]
+    tokenizers = [getattr(pipe, f"tokenizer{k}") for k in suffixes]
+    network = pipe.transformer if family in FLOW else pipe.unet
+    for module in [network, pipe.vae, *encoders]:
         module.requires_grad_(False)
-    adapter = make_adapter(family, unet=pipe.unet, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+    adapter = make_adapter(family, unet=network, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
                            scheduler=pipe.scheduler, source=f"preset {preset}")
     return adapter.to(device)
 
@@ -283,6 +290,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     original_unet_output = fam.unet_output
     nograd_calls: dict[int, int] = {}  # the step's no-grad UNet calls by batch size
     recording = [True]
+    inside = [False]  # within a timed unet_output (a flow family's calls its velocity: count once)
 
     def timed_unet_output(unet: Any, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         if not recording[0]:
@@ -291,12 +299,31 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
             nograd_calls[x_t.shape[0]] = nograd_calls.get(x_t.shape[0], 0) + 1
         _sync(device)
         start = time.perf_counter()
-        out = original_unet_output(unet, x_t, t, c)
+        inside[0] = True
+        try:
+            out = original_unet_output(unet, x_t, t, c)
+        finally:
+            inside[0] = False
         _sync(device)
         timers.unet_forward += time.perf_counter() - start
         return out
 
     fam.unet_output = timed_unet_output  # type: ignore[method-assign]
+    original_velocity = getattr(fam, "velocity", None)  # flow families invert through it (float levels)
+    if original_velocity is not None:
+        def timed_velocity(network: Any, x: torch.Tensor, sigma: torch.Tensor, c: Conditioning) -> torch.Tensor:
+            if not recording[0] or inside[0]:
+                return original_velocity(network, x, sigma, c)
+            if not torch.is_grad_enabled():
+                nograd_calls[x.shape[0]] = nograd_calls.get(x.shape[0], 0) + 1
+            _sync(device)
+            start = time.perf_counter()
+            out = original_velocity(network, x, sigma, c)
+            _sync(device)
+            timers.unet_forward += time.perf_counter() - start
+            return out
+
+        fam.velocity = timed_velocity  # type: ignore[attr-defined]
     per_step = 1 if authors else settings.pairs_per_step
     steps = settings.steps * settings.pairs_per_step // per_step
     warmup = max(settings.warmup * settings.pairs_per_step // per_step, settings.warmup)
@@ -390,6 +417,8 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
                 full_batch_floors.append(dpo_seconds + extra_evals * full_price / full)
     finally:
         fam.unet_output = original_unet_output  # type: ignore[method-assign]
+        if original_velocity is not None:
+            del fam.velocity  # the class's method again
     pairs = steps * per_step
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
@@ -429,7 +458,7 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
 def _rows_to_run(args: argparse.Namespace, family: str) -> list[tuple[str, str]]:
     methods, modes = _split(args.methods, METHODS, "--methods"), _split(args.modes, MODES, "--modes")
     rows = [(method, mode) for mode in MODES if mode in modes for method in methods
-            if not (method == "authors-recipe" and mode != "full")]
+            if not (method == "authors-recipe" and mode != "full") and (family not in FLOW or method in FLOW_ROWS)]
     if "authors-recipe" in methods and "full" not in modes:
         print("note: authors-recipe runs in full mode only (two full UNets); add --modes full", file=sys.stderr)
     return rows
@@ -554,7 +583,7 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", choices=list(PRESET_FAMILIES), help="architecture preset")
-    parser.add_argument("--families", default=None, help="comma list of sd15,sdxl (default: the preset's; tiny: both)")
+    parser.add_argument("--families", default=None, help="comma list of sd15,sdxl,sd3,flux (default: the preset's; tiny: all four)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16 (mixed precision; the reference in it)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -582,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    families = _split(args.families, ("sd15", "sdxl"), "--families") if args.families else PRESET_FAMILIES[args.preset]
+    families = _split(args.families, PRESET_FAMILIES["tiny"], "--families") if args.families else PRESET_FAMILIES[args.preset]
     isolate = args.isolate if args.isolate is not None else args.device == "cpu"
     if args.row_out:  # a child of --isolate: one family, one row
         family = families[0]
