@@ -278,7 +278,8 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     cond = fam.encode_prompts([PROMPT]) if not authors else None
     latent_shape = (fam.latent_channels, fam.latent_size)
     if not authors and free_encoders:
-        fam.vae, fam.text_encoders = None, []
+        # (a flow adapter reads its VAE's config for the latent size and FLUX's packing: keep that)
+        fam.vae, fam.text_encoders = (fam.vae if settings.family in FLOW else None), []
         del text_modules
         gc.collect()
     policy, reference = _prepare_networks(fam, mode, dtype, settings.gradient_checkpointing, settings.lora_rank)
