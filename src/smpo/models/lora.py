@@ -114,23 +114,23 @@ class AdaptersOffView:
             return self.unet(*args, **kwargs)
 
 
-class MergedAdaptersView:
+class MergedAdaptersView(AdaptersOffView):
     """A LoRA policy for no-grad calls (the inversion): its adapters folded into copies of the
     adapted layers' base weights (``W + scale B A``, peft's ``get_delta_weight``). A call swaps the
-    copies in (``.data``, no copy), runs the network with its adapters off, and swaps the original
-    weights back, so each call costs what the base network costs and the module's own weights are
-    never modified. Build a new view after each optimizer step. Equal to calling ``unet`` itself
-    up to rounding (the merged weight is kept in the base weight's dtype, as autocast computes it).
+    copies in (``.data``, no copy), runs the network with its adapters off (`AdaptersOffView`), and
+    swaps the original weights back, so each call costs what the base network costs and the
+    module's own weights are never modified. Build a new view after each optimizer step. Equal to
+    calling ``unet`` itself up to rounding (the merged weight is kept in the base weight's dtype,
+    as autocast computes it).
     """
 
     def __init__(self, unet: Any) -> None:
         from peft.tuners.lora import LoraLayer
 
-        self.unet = unet
-        self.adapter_layers = adapter_layers(unet)
-        self.layers: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        super().__init__(unet)
+        self.merged: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         with torch.no_grad():
-            for module in self.adapter_layers:
+            for module in self.layers:
                 if not isinstance(module, LoraLayer) or not module.active_adapters:
                     continue
                 weight = module.get_base_layer().weight
@@ -138,30 +138,21 @@ class MergedAdaptersView:
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         merged = merged + module.get_delta_weight(adapter).float()
-                self.layers.append((weight, merged.to(weight.dtype)))
+                self.merged.append((weight, merged.to(weight.dtype)))
 
     @property
     def weights(self) -> dict[int, torch.Tensor]:
         """The merged weights, one per adapted layer (in module order)."""
-        return {k: merged for k, (_, merged) in enumerate(self.layers)}
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def config(self) -> Any:
-        return self.unet.config
+        return {k: merged for k, (_, merged) in enumerate(self.merged)}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        originals = [weight.data for weight, _ in self.layers]
+        originals = [weight.data for weight, _ in self.merged]
         try:
-            for weight, merged in self.layers:
+            for weight, merged in self.merged:
                 weight.data = merged
-            with adapters_disabled(self.unet, self.adapter_layers):
-                return self.unet(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
         finally:
-            for (weight, _), original in zip(self.layers, originals):
+            for (weight, _), original in zip(self.merged, originals):
                 weight.data = original
 
 
