@@ -304,13 +304,10 @@ def flow_renoise_invert(velocity_fn: VelocityFn, x0: Tensor, sigma: Tensor, grid
         raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x0.shape[0]}")
     if bool(((sigma <= 0) | (sigma > 1)).any()):
         raise ValueError(f"sigma must lie in (0, 1]; got {sigma.tolist()}")
-    with_index = _accepts_index(velocity_fn)
+    predict = _predictor(velocity_fn)
     x = x0.clone()
     level = torch.zeros_like(sigma)
     trajectory: list[tuple[Tensor, Tensor]] = []
-
-    def predict(x_in: Tensor, levels: Tensor, rows: Tensor) -> Tensor:
-        return velocity_fn(x_in, levels, index=rows) if with_index else velocity_fn(x_in, levels)
 
     def step(rows: Tensor, to: Tensor) -> None:
         full = rows.numel() == x.shape[0]

@@ -106,6 +106,30 @@ class Conditioning:
         return kwargs
 
 
+def guided_fn(predict: Callable[[Tensor, Tensor, Conditioning], Tensor], cond: Conditioning,
+              uncond: Conditioning | None, guidance: float) -> Callable[..., Tensor]:
+    """``fn(x, level, index=None)``: ``predict(x, level, c)`` on the rows ``index`` of ``cond`` (all
+    when ``None``), with classifier-free guidance ``p_uncond + w (p_cond - p_uncond)`` when
+    ``guidance != 1`` (both branches in one call; ``uncond`` a batch of 1 or of ``len(cond)``).
+    The inversion's noise predictor (`FamilyAdapter.eps_fn`) and the flow inversion's velocity
+    (``FlowAdapter.velocity_fn``) are both this."""
+    if guidance != 1.0 and uncond is None:
+        raise ValueError(f"inversion guidance {guidance} needs the empty-prompt conditioning (uncond)")
+
+    def fn(x: Tensor, level: Tensor, index: Tensor | None = None) -> Tensor:
+        rows = index if index is not None else torch.arange(x.shape[0])
+        c = cond if index is None and len(cond) == x.shape[0] else cond.index(rows)
+        if guidance == 1.0:
+            return predict(x, level, c)
+        assert uncond is not None
+        u = uncond.index(torch.zeros_like(rows)) if len(uncond) == 1 else uncond.index(rows)
+        both = Conditioning.cat([c, u.to(c.hidden_states.device)])
+        p_cond, p_uncond = predict(torch.cat([x, x]), torch.cat([level, level]), both).chunk(2)
+        return p_uncond + guidance * (p_cond - p_uncond)
+
+    return fn
+
+
 # --------------------------------------------------------------------------------------------
 # Image preprocessing shared by the cache and the training loop
 
@@ -353,22 +377,7 @@ class FamilyAdapter:
         Table 6); otherwise ``e_uncond + w (e_cond - e_uncond)``, both branches in one UNet call.
         ``uncond`` is a batch of 1 (broadcast) or of ``len(cond)``.
         """
-        if guidance != 1.0 and uncond is None:
-            raise ValueError(f"inversion guidance {guidance} needs the empty-prompt conditioning (uncond)")
-
-        def eps(x: Tensor, t: Tensor, index: Tensor | None = None) -> Tensor:
-            rows = index if index is not None else torch.arange(x.shape[0])
-            c = cond if index is None and len(cond) == x.shape[0] else cond.index(rows)
-            if guidance == 1.0:
-                return self.predict_noise(unet, x, t, c)
-            assert uncond is not None
-            u = uncond.index(torch.zeros_like(rows)) if len(uncond) == 1 else uncond.index(rows)
-            x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-            both = Conditioning.cat([c, u.to(c.hidden_states.device)])
-            e_cond, e_uncond = self.predict_noise(unet, x2, t2, both).chunk(2)
-            return e_uncond + guidance * (e_cond - e_uncond)
-
-        return eps
+        return guided_fn(lambda x, t, c: self.predict_noise(unet, x, t, c), cond, uncond, guidance)
 
 
 class SD15Adapter(FamilyAdapter):

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from smpo.models.family import Conditioning, FamilyAdapter, Size, _module_dtype
+from smpo.models.family import Conditioning, FamilyAdapter, Size, _module_dtype, guided_fn
 
 
 @dataclass
@@ -118,21 +118,7 @@ class FlowAdapter(FamilyAdapter):
                     guidance: float = 1.0) -> Callable[..., Tensor]:
         """``velocity_fn(x, sigma, index=None) -> v`` for ``smpo.inversion.flow_renoise_invert``;
         ``guidance != 1`` mixes in the unconditional velocity, both in one call (as :meth:`eps_fn`)."""
-        if guidance != 1.0 and uncond is None:
-            raise ValueError(f"inversion guidance {guidance} needs the empty-prompt conditioning (uncond)")
-
-        def v(x: Tensor, sigma: Tensor, index: Tensor | None = None) -> Tensor:
-            rows = index if index is not None else torch.arange(x.shape[0])
-            c = cond if index is None and len(cond) == x.shape[0] else cond.index(rows)
-            if guidance == 1.0:
-                return self.velocity(network, x, sigma, c)
-            assert uncond is not None
-            u = uncond.index(torch.zeros_like(rows)) if len(uncond) == 1 else uncond.index(rows)
-            both = Conditioning.cat([c, u.to(c.hidden_states.device)])
-            v_cond, v_uncond = self.velocity(network, torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
-            return v_uncond + guidance * (v_cond - v_uncond)
-
-        return v
+        return guided_fn(lambda x, sigma, c: self.velocity(network, x, sigma, c), cond, uncond, guidance)
 
     def invert(self, network: Any, x0: Tensor, t: Tensor, cond: Conditioning, *, uncond: Conditioning | None,
                num_steps: int, renoise_iters: int, guidance: float, land_on_t: bool, step_noise: float,
