@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from smpo.inversion import finish_from_levels, implied_noise, renoise_invert
+from smpo.inversion import finish_from_levels, implied_noise
 from smpo.losses import LOSSES, LossOutput, per_sample_mse
 from smpo.models.family import Conditioning, FamilyAdapter
 from smpo.models.lora import inference_view
@@ -306,26 +306,24 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
 def _finish_stored(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, cond: Conditioning,
                    unc: Conditioning | None, cfg: ObjectiveConfig, stored: Tensor) -> Tensor:
     """``x_t`` from stored inversions; rows of ``stored`` that are NaN (no stored inversion: a
-    flipped image, a dropped prompt) are inverted live with the same network."""
+    flipped image, a dropped prompt) are inverted live with the same network (``family.invert``)."""
     if cfg.inverting_network != "reference" or cfg.inversion_noise:
         raise ValueError("stored inversions hold the reference's deterministic inversion: they need "
                          "objective.inverting_network=reference and no inversion_noise")
     live = stored[:, 0].reshape(stored.shape[0], -1)[:, :1].isnan().flatten()
     kw = dict(num_steps=cfg.inversion_steps, renoise_iters=cfg.effective_renoise_iters, land_on_t=cfg.land_on_t)
-
-    def eps_fn_of(rows: Tensor) -> Any:
-        return family.eps_fn(inverter, cond.index(rows), None if unc is None else unc.index(rows),
-                             cfg.inversion_guidance)
-
-    if not bool(live.any()):
+    if not bool(live.any()):  # the usual case
         return finish_from_levels(family.eps_fn(inverter, cond, unc, cfg.inversion_guidance), x0, stored, t,
                                   family.alphas_cumprod, **kw)
     x_t = torch.empty_like(x0)
     kept, inverted = torch.nonzero(~live).flatten(), torch.nonzero(live).flatten()
     if kept.numel():
-        x_t[kept] = finish_from_levels(eps_fn_of(kept), x0[kept], stored[kept], t[kept], family.alphas_cumprod, **kw)
-    x_t[inverted] = renoise_invert(eps_fn_of(inverted), x0[inverted], t[inverted], family.alphas_cumprod,
-                                   initial_abar=family.initial_abar, **kw)
+        eps_fn = family.eps_fn(inverter, cond.index(kept), None if unc is None else unc.index(kept),
+                               cfg.inversion_guidance)
+        x_t[kept] = finish_from_levels(eps_fn, x0[kept], stored[kept], t[kept], family.alphas_cumprod, **kw)
+    x_t[inverted] = family.invert(inverter, x0[inverted], t[inverted], cond.index(inverted),
+                                  uncond=None if unc is None else unc.index(inverted), guidance=cfg.inversion_guidance,
+                                  step_noise=0.0, generators=None, **kw)[0]
     return x_t
 
 
