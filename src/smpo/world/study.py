@@ -241,9 +241,13 @@ def inversion_cache_dir(root: Path) -> Path:
     return root / "inversion-cache"
 
 
-def build_inversion_cache(cfg: StudyConfig, root: Path, base: Path, dataset: Path) -> None:
+def build_inversion_cache(cfg: StudyConfig, root: Path, base: Path, dataset: Path, *, threads: int,
+                          progress: Callable[[str], None]) -> None:
     """``smpo cache --store-inversion`` of the pair set with the base as the reference, for the
-    rungs with ``cached_inversion`` (their objectives must agree on the inversion settings)."""
+    rungs with ``cached_inversion`` (their objectives must agree on the inversion settings); nothing
+    when no rung needs it or the cache is finished."""
+    import torch
+
     from smpo.data.cache import InversionSpec, build_cache
     from smpo.models.family import load_family
     from smpo.objective import ObjectiveConfig
@@ -255,10 +259,12 @@ def build_inversion_cache(cfg: StudyConfig, root: Path, base: Path, dataset: Pat
             o = ObjectiveConfig(method=rung.method, **rung.objective).resolved()
             specs.add(InversionSpec(unet=str(base), steps=o.inversion_steps, renoise_iters=o.effective_renoise_iters,
                                     land_on_t=o.land_on_t, guidance=o.inversion_guidance))
-    if not specs:
+    if not specs or (inversion_cache_dir(root) / "manifest.parquet").is_file():
         return
     if len(specs) > 1:
         raise ValueError(f"the cached-inversion rungs disagree on the inversion settings: {specs}")
+    progress("smpo study: caching the base's inversion of the pair set (smpo cache --store-inversion)")
+    torch.set_num_threads(threads)
     family = load_family(base, with_unet=True)
     build_cache(dataset, inversion_cache_dir(root), family, model=str(base), shard_size=512, batch_size=64,
                 inversion=specs.pop(), progress=False)
@@ -491,12 +497,8 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
         dataset = root / "labelled"
     dataset = Path(dataset)
     started = time.time()
-    if not report_only and not (inversion_cache_dir(root) / "manifest.parquet").is_file():
-        import torch
-
-        progress("smpo study: caching the base's inversion of the pair set (smpo cache --store-inversion)")
-        torch.set_num_threads(max(workers, 1))
-        build_inversion_cache(cfg, root, base, dataset)
+    if not report_only:
+        build_inversion_cache(cfg, root, base, dataset, threads=max(workers, 1), progress=progress)
 
     progress("smpo study: tuning learning rates on the validation prompts")
     tune = [Job("base", 0.0, s, "validation") for s in cfg.tune_seeds]
