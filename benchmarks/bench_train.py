@@ -247,22 +247,15 @@ def _authors_batch(fam: FamilyAdapter, seed: int, device: torch.device, generato
 
 
 def _store_inversion(fam: FamilyAdapter, reference: Any, batch: PairBatch, cfg: ObjectiveConfig) -> None:
-    """Attach the reference's inversion at the grid levels, fp16 as ``smpo cache`` stores it; the
-    family's counters and timers are put back (the cache is made before training)."""
-    from smpo.inversion import invert_to_levels
+    """Attach the reference's inversion at the grid levels as ``smpo cache --store-inversion``
+    computes and stores it (``smpo.data.cache.invert_images``, fp16)."""
+    from smpo.data.cache import InversionSpec, invert_images
 
-    counters, saved_output = (fam.unet_evals, fam.unet_calls), fam.unet_output
-    fam.unet_output = type(fam).unet_output.__get__(fam)  # untimed
-    try:
-        with torch.no_grad():
-            stored = [invert_to_levels(fam.eps_fn(reference, batch.cond), x0, fam.alphas_cumprod,
-                                       num_steps=cfg.inversion_steps, renoise_iters=cfg.renoise_iters,
-                                       land_on_t=cfg.land_on_t, initial_abar=fam.initial_abar).half().float()
-                      for x0 in (batch.latents_w, batch.latents_l)]
-    finally:
-        fam.unet_output = saved_output  # type: ignore[method-assign]
-        fam.unet_evals, fam.unet_calls = counters
-    batch.inverted_w, batch.inverted_l = stored
+    spec = InversionSpec(unet="the row's reference", steps=cfg.inversion_steps, renoise_iters=cfg.effective_renoise_iters,
+                         land_on_t=cfg.land_on_t, guidance=cfg.inversion_guidance)
+    batch.inverted_w, batch.inverted_l = (
+        invert_images(fam, x0, batch.cond, spec, x0.shape[0], network=reference).half().float().to(x0.device)
+        for x0 in (batch.latents_w, batch.latents_l))
 
 
 def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, free_encoders: bool = False) -> Row:
@@ -289,42 +282,34 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
     timers = Timers()
 
     original_unet_output = fam.unet_output
+    original_velocity = getattr(fam, "velocity", None)  # flow families invert through it (float levels)
     nograd_calls: dict[int, int] = {}  # the step's no-grad UNet calls by batch size
     recording = [True]
-    inside = [False]  # within a timed unet_output (a flow family's calls its velocity: count once)
+    inside = [False]  # within a timed call (a flow family's unet_output calls its velocity: count once)
 
-    def timed_unet_output(unet: Any, x_t: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
-        if not recording[0]:
-            return original_unet_output(unet, x_t, t, c)
-        if not torch.is_grad_enabled():
-            nograd_calls[x_t.shape[0]] = nograd_calls.get(x_t.shape[0], 0) + 1
-        _sync(device)
-        start = time.perf_counter()
-        inside[0] = True
-        try:
-            out = original_unet_output(unet, x_t, t, c)
-        finally:
-            inside[0] = False
-        _sync(device)
-        timers.unet_forward += time.perf_counter() - start
-        return out
-
-    fam.unet_output = timed_unet_output  # type: ignore[method-assign]
-    original_velocity = getattr(fam, "velocity", None)  # flow families invert through it (float levels)
-    if original_velocity is not None:
-        def timed_velocity(network: Any, x: torch.Tensor, sigma: torch.Tensor, c: Conditioning) -> torch.Tensor:
+    def timed(call: Any) -> Any:
+        """``call`` (the adapter's unet_output or velocity) timed and counted while recording."""
+        def wrapper(network: Any, x: torch.Tensor, level: torch.Tensor, c: Conditioning) -> torch.Tensor:
             if not recording[0] or inside[0]:
-                return original_velocity(network, x, sigma, c)
+                return call(network, x, level, c)
             if not torch.is_grad_enabled():
                 nograd_calls[x.shape[0]] = nograd_calls.get(x.shape[0], 0) + 1
             _sync(device)
             start = time.perf_counter()
-            out = original_velocity(network, x, sigma, c)
+            inside[0] = True
+            try:
+                out = call(network, x, level, c)
+            finally:
+                inside[0] = False
             _sync(device)
             timers.unet_forward += time.perf_counter() - start
             return out
 
-        fam.velocity = timed_velocity  # type: ignore[attr-defined]
+        return wrapper
+
+    fam.unet_output = timed(original_unet_output)  # type: ignore[method-assign]
+    if original_velocity is not None:
+        fam.velocity = timed(original_velocity)  # type: ignore[attr-defined]
     per_step = 1 if authors else settings.pairs_per_step
     steps = settings.steps * settings.pairs_per_step // per_step
     warmup = max(settings.warmup * settings.pairs_per_step // per_step, settings.warmup)
@@ -340,11 +325,14 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
             batch = _authors_batch(fam, seeds[0], device, generator, timers)
         else:
             batch = _cached_batch(latent_shape, cond, seeds, device, generator)  # type: ignore[arg-type]
-            if objective is cfg and method.endswith("-cached"):
-                mark = time.perf_counter()
+            if objective is cfg and method.endswith("-cached"):  # made by `smpo cache`, not by the step
+                mark, counters, was_recording = time.perf_counter(), (fam.unet_evals, fam.unet_calls), recording[0]
+                recording[0] = False
                 with autocast:
                     _store_inversion(fam, reference, batch, cfg.resolved())
-                start += time.perf_counter() - mark  # made by `smpo cache`, not by the step
+                recording[0] = was_recording
+                fam.unet_evals, fam.unet_calls = counters
+                start += time.perf_counter() - mark
         with autocast:
             out = compute_loss(fam, policy, reference, batch, objective)
         _sync(device)

@@ -295,9 +295,10 @@ def _store(tensor: Tensor) -> Tensor:
 
 
 def invert_images(family: FamilyAdapter, latents: Tensor, cond: Conditioning, spec: InversionSpec,
-                  batch_size: int) -> Tensor:
-    """The reference's (``family.unet``) inversion of ``latents`` at the grid levels, ``[N, L, C, h, w]``,
-    as the objective's ``noise_latents`` would compute it with these settings."""
+                  batch_size: int, network: Any = None) -> Tensor:
+    """The reference's (``network``, default ``family.unet``) inversion of ``latents`` at the grid
+    levels, ``[N, L, C, h, w]`` on the CPU, as the objective's ``noise_latents`` would compute it
+    with these settings."""
     from smpo.inversion import invert_to_levels
 
     uncond = None
@@ -306,8 +307,8 @@ def invert_images(family: FamilyAdapter, latents: Tensor, cond: Conditioning, sp
     parts = []
     for i in range(0, latents.shape[0], batch_size):
         rows = slice(i, i + batch_size)
-        eps_fn = family.eps_fn(family.unet, cond.index(rows), None if uncond is None else uncond.index(rows),
-                               spec.guidance)
+        eps_fn = family.eps_fn(family.unet if network is None else network, cond.index(rows),
+                               None if uncond is None else uncond.index(rows), spec.guidance)
         x0 = latents[rows].to(family.device, torch.float32)
         with torch.no_grad():
             parts.append(invert_to_levels(eps_fn, x0, family.alphas_cumprod, num_steps=spec.steps,
