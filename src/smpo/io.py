@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,24 @@ import torch
 
 class OutputExistsError(FileExistsError):
     """An output already exists and the caller did not ask to overwrite or resume it."""
+
+
+class SettingsChangedError(OutputExistsError, ValueError):
+    """An unfinished output was made with other settings than the run asked to resume it with."""
+
+
+def refuse_changed_settings(folder: str | os.PathLike, saved: Mapping[str, Any], current: Mapping[str, Any], *,
+                            what: str = "a run", ignore: Collection[str] = ()) -> None:
+    """Raise :class:`SettingsChangedError` when ``saved`` and ``current`` differ in a key not in
+    ``ignore``, naming each difference as ``key: saved -> current``.
+
+    Every resumable job keeps its settings beside its output and calls this before resuming.
+    """
+    keys = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
+    if keys:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)
+        raise SettingsChangedError(f"{folder} holds {what} made with other settings ({detail}); "
+                                   "use another output folder or --overwrite")
 
 
 def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = True) -> Path:

@@ -20,15 +20,8 @@ unique across sections. In YAML, fields sit under their section::
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import functools
-import inspect
-import operator
 import os
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,10 +29,11 @@ from typing import Any, Literal
 import yaml
 
 from smpo.objective import METHODS, NOISINGS, TIMESTEP_SAMPLINGS, ObjectiveConfig
+from smpo.options import ConfigError, add_dataclass_arguments, apply_overrides, field_docs, option_name
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the key and its source."""
+__all__ = ["CHOICES", "SECTIONS", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig",
+           "TrainConfig", "add_config_arguments", "config_from_args", "config_from_dict", "dump_config",
+           "field_docs", "load_config", "option_name", "save_config"]
 
 
 @dataclass
@@ -211,95 +205,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Field documentation: the string literal under each field (read from the source, like litgpt).
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """``{field: docstring}`` of a dataclass, from the string literal after each field, or a
-    trailing ``# comment`` on the field's line when there is no literal."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):
-            continue
-        lines = source.splitlines()
-        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-        for node, after in zip(body, body[1:] + [None]):
-            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-                continue
-            text = ""
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
-                    and isinstance(after.value.value, str):
-                text = after.value.value
-            elif "#" in lines[node.lineno - 1]:
-                text = lines[node.lineno - 1].split("#", 1)[1]
-            docs[node.target.id] = " ".join(text.split())
-    return docs
-
-
-# ---------------------------------------------------------------------------------------------
-# Types: coercion of YAML / command-line values to a field's annotation.
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _is_optional(tp: Any) -> tuple[bool, Any]:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return True, rest[0] if len(rest) == 1 else functools.reduce(operator.or_, rest)
-    return False, tp
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert ``value`` to type ``tp`` (bool/int/float/str/Literal/Optional/tuple/list)."""
-    optional, inner = _is_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ConfigError(f"{where}: null is not allowed")
-    origin = typing.get_origin(inner)
-    if origin is Literal:
-        choices = typing.get_args(inner)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
-        return value
-    if origin in (tuple, list):
-        item_tp = (typing.get_args(inner) or (Any,))[0]
-        items = value.split(",") if isinstance(value, str) else list(value)
-        out = [coerce(v, item_tp, where) for v in items]
-        return tuple(out) if origin is tuple else out
-    try:
-        if inner is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "yes", "1", "on"):
-                    return True
-                if value.lower() in ("false", "no", "0", "off"):
-                    return False
-                raise ValueError(value)
-            if isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError(value)
-        if inner is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if inner is float:
-            return float(value)  # also parses YAML's "1e-8" string (YAML 1.1 wants "1.0e-8")
-        if inner is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {value!r} is not a valid {getattr(inner, '__name__', inner)}") from None
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
 # YAML
 
 
@@ -318,17 +223,8 @@ def config_from_dict(data: dict[str, Any] | None, *, source: str = "<dict>",
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: {section!r} must be a mapping of options")
-        target = getattr(config, section)
-        types_ = _field_types(type(target))
-        for key, value in values.items():
-            if key not in types_:
-                raise ConfigError(f"unknown key {section}.{key!r} in {source}; "
-                                  f"valid keys of {section}: {', '.join(types_)}")
-            where = f"{source}: {section}.{key}"
-            value = coerce(value, types_[key], where)
-            if key in CHOICES and value is not None and value not in CHOICES[key]:
-                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(CHOICES[key])}")
-            setattr(target, key, value)
+        setattr(config, section, apply_overrides(getattr(config, section), values, source=source,
+                                                 choices=CHOICES, section=section))
     return config
 
 
@@ -367,10 +263,6 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 # Command line
 
 
-def option_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 # Extra spellings of some options, so that every command takes ``--model`` and ``--output``.
 ALIASES: dict[str, tuple[str, ...]] = {"output_dir": ("--output",), "pretrained": ("--model",)}
 
@@ -384,25 +276,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         "options given on the command line override it")
     seen: dict[str, str] = {}
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section)
-        docs = field_docs(cls)
-        defaults = cls()
-        for name, tp in _field_types(cls).items():
-            if name in seen:
-                raise ConfigError(f"option {name} is in both {seen[name]} and {section}")
-            seen[name] = section
-            default = getattr(defaults, name)
-            shown = "" if default is None else f" (default: {default})"
-            help_text = f"{docs.get(name, '')}{shown}".strip().replace("%", "%%")
-            _, inner = _is_optional(tp)
-            kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text, dest=f"{section}.{name}")
-            if inner is bool:
-                group.add_argument(option_name(name), action=argparse.BooleanOptionalAction, **kwargs)
-            elif typing.get_origin(inner) is Literal or name in CHOICES:
-                choices = list(typing.get_args(inner)) if name not in CHOICES else list(CHOICES[name])
-                group.add_argument(option_name(name), choices=choices, **kwargs)
-            else:
-                group.add_argument(option_name(name), *ALIASES.get(name, ()), metavar=name.upper(), **kwargs)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                raise ConfigError(f"option {f.name} is in both {seen[f.name]} and {section}")
+            seen[f.name] = section
+        add_dataclass_arguments(parser.add_argument_group(section), cls, dest_prefix=f"{section}.",
+                                aliases=ALIASES, choices=CHOICES)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
