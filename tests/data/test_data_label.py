@@ -14,6 +14,7 @@ from pickapic_testdata import CORRUPT_ROW, TIE_ROW
 from PIL import Image
 
 import smpo.data.label as label_module
+import smpo.data.scoring as scoring_module
 from smpo.cli import main
 from smpo.data.label import load_labelled
 from smpo.io import OutputExistsError
@@ -114,7 +115,7 @@ def test_run_killed_while_scoring_then_rerun_equals_uninterrupted_run(pickapic_p
     assert label(pickapic_parquet, reference, tiny_pickscore) == 0
 
     out = tmp_path / "killed"
-    real_write = label_module._write_work_shard
+    real_write = scoring_module._write_work_shard
     written: list[str] = []
 
     def dies_in_second_shard(folder, scored, stats):
@@ -126,7 +127,7 @@ def test_run_killed_while_scoring_then_rerun_equals_uninterrupted_run(pickapic_p
         written.append(folder.name)
         real_write(folder, scored, stats)
 
-    monkeypatch.setattr(label_module, "_write_work_shard", dies_in_second_shard)
+    monkeypatch.setattr(scoring_module, "_write_work_shard", dies_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
         label(pickapic_parquet, out, tiny_pickscore)
     assert not (out / "labels.json").exists() and not list(out.glob("*.parquet"))
@@ -134,7 +135,7 @@ def test_run_killed_while_scoring_then_rerun_equals_uninterrupted_run(pickapic_p
         "run.json", "shard-00000"]
 
     resumed: list[str] = []
-    monkeypatch.setattr(label_module, "_write_work_shard",
+    monkeypatch.setattr(scoring_module, "_write_work_shard",
                         lambda folder, scored, stats: (resumed.append(folder.name), real_write(folder, scored, stats)))
     assert label(pickapic_parquet, out, tiny_pickscore) == 0
     assert resumed == ["shard-00001", "shard-00002"]  # the finished shard was kept, not rescored
@@ -197,10 +198,10 @@ def test_unfinished_run_with_other_settings_is_refused(pickapic_parquet, tiny_pi
     def dies(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(label_module, "_write_work_shard", dies)
+    monkeypatch.setattr(scoring_module, "_write_work_shard", dies)
     with pytest.raises(KeyboardInterrupt):
         label(pickapic_parquet, out, tiny_pickscore)
-    with pytest.raises(OutputExistsError, match=r"shard_size 4 \(now 6\)"):
+    with pytest.raises(OutputExistsError, match=r"shard_size: 4 -> 6"):
         label_module.label_pairs(pickapic_parquet, out, scorer_path=tiny_pickscore, shard_size=6, batch_size=3,
                                  progress=False)
 
@@ -220,11 +221,11 @@ def test_a_scorer_callable_can_be_passed_directly(pickapic_parquet, tmp_path):
 KILLER = '''
 import os, signal, sys
 import pyarrow.parquet as pq
-import smpo.data.label as label_module
+import smpo.data.scoring as scoring_module
 from smpo.cli import main
 from smpo.io import atomic_path
 
-real_write, written = label_module._write_work_shard, []
+real_write, written = scoring_module._write_work_shard, []
 
 def write_then_die_in_second_shard(folder, scored, stats):
     if written:  # SIGKILL in the middle of writing the second shard: no cleanup code runs
@@ -235,7 +236,7 @@ def write_then_die_in_second_shard(folder, scored, stats):
     written.append(folder)
     real_write(folder, scored, stats)
 
-label_module._write_work_shard = write_then_die_in_second_shard
+scoring_module._write_work_shard = write_then_die_in_second_shard
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -286,7 +287,7 @@ def test_processes_take_shards_i_mod_world_and_together_equal_one_process(pickap
 
 
 def test_labelling_a_stream_equals_labelling_the_file(pickapic_parquet, tiny_pickscore, tmp_path):
-    from smpo.data.pairs import HubSource
+    from smpo.data.sources import HubSource
 
     reference = tmp_path / "reference"
     assert label(pickapic_parquet, reference, tiny_pickscore) == 0

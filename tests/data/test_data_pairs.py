@@ -11,15 +11,9 @@ import pyarrow as pa
 import pytest
 from pickapic_testdata import CORRUPT_ROW, TIE_ROW, pickapic_rows, random_jpeg, write_parquet
 
-from smpo.data.pairs import (
-    MissingColumnsError,
-    PairSource,
-    ParquetSource,
-    ReadStats,
-    iter_pairs,
-    iter_shards,
-    open_source,
-)
+from smpo.data.pairs import iter_pairs, iter_shards
+from smpo.data.schema import MissingColumnsError, ReadStats
+from smpo.data.sources import PairSource, ParquetSource, open_source
 
 DECIDED = [i for i in range(12) if i not in (CORRUPT_ROW, TIE_ROW)]
 
@@ -193,7 +187,7 @@ def test_reader_is_lazy(pickapic_parquet):
 def test_streamed_source_reads_like_the_parquet_it_streams(pickapic_parquet):
     # HubSource streams with datasets.load_dataset(name, split=..., streaming=True); a local folder stands
     # in for a hub id here (tests never download), through the same code.
-    from smpo.data.pairs import HubSource
+    from smpo.data.sources import HubSource
 
     stream = HubSource(str(pickapic_parquet.parent), split="train")
     assert stream.num_rows is None and stream.columns == ParquetSource(pickapic_parquet).columns

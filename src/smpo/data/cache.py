@@ -374,7 +374,9 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from smpo.data.pairs import ReadStats, iter_shards, open_source, pairs_in_table
+    from smpo.data.pairs import iter_shards, pairs_in_table
+    from smpo.data.schema import ReadStats
+    from smpo.data.sources import open_source
 
     source = open_source(data, split=split, limit=limit)
     info = {"version": CACHE_VERSION, "family": family.name, "model": model, "resolution": family.resolution,

@@ -16,6 +16,7 @@ same bytes as an uninterrupted run:
    (``accelerate.PartialState``) scores shards ``i, i + world, ...`` in batches and writes each
    one as ``.work/shard-KKKKK/`` (scores, no ``p_win`` yet), atomically: a shard folder is there
    whole or not at all, and a rerun skips the shards that are there.
+   (:mod:`smpo.data.scoring`.)
 2. Finalisation (main process, after every shard is scored). The score range is fixed once from
    the shards' minima and maxima and recorded in ``.work/finalise.json``; each scored shard is
    turned into ``train-KKKKK-of-NNNNN.parquet`` with ``winner`` and ``p_win`` (a pure function of
@@ -30,7 +31,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,54 +40,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
-from smpo.data.pairs import (
-    PairSource,
-    PreferencePair,
-    ReadStats,
-    iter_shards,
-    open_source,
-    pairs_in_table,
+from smpo.data.schema import ReadStats
+from smpo.data.scoring import RunSettings, ScoreFn, score_shards, shard_dir
+from smpo.data.sources import PairSource, open_source
+from smpo.io import (
+    OutputExistsError,
+    atomic_path,
+    prepare_output_dir,
+    read_json,
+    refuse_changed_settings,
+    write_json,
 )
-from smpo.io import OutputExistsError, atomic_path, prepare_output_dir, read_json, write_json
 
 LABELS_FILE = "labels.json"
 WORK_DIR = ".work"
 FORMAT = "smpo-labels/1"
-PAIR_COLUMNS = ("pair_id", "caption", "jpg_0", "jpg_1", "label_0", "score_0", "score_1")
-LABEL_COLUMNS = ("winner", "p_win")
-OUTPUT_COLUMNS = PAIR_COLUMNS + LABEL_COLUMNS
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_BATCH_SIZE = 16
 
-ScoreFn = Callable[[Sequence[Image.Image], Sequence[str]], torch.Tensor]
-
-_PAIR_SCHEMA = pa.schema([
-    ("pair_id", pa.string()), ("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()), ("score_0", pa.float64()), ("score_1", pa.float64()),
-])
-
 
 class LabelError(ValueError):
     """A labelling run cannot go on as asked (nothing to label, a changed score range, missing shards)."""
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Everything that fixes the bytes of the scored shards; a resumed run must repeat them."""
-
-    source: str
-    split: str
-    scorer: str
-    scorer_path: str | None
-    shard_size: int
-    batch_size: int
-    keep_ties: bool
-    limit: int | None
-    dtype: str
 
 
 @dataclass
@@ -208,7 +184,7 @@ def _all_scored(work: Path, shard_size: int) -> bool:
     if not (work / "source.json").exists():
         return False
     n = math.ceil(read_json(work / "source.json")["num_rows"] / shard_size)
-    return all(_shard_dir(work, k).is_dir() for k in range(n))
+    return all(shard_dir(work, k).is_dir() for k in range(n))
 
 
 def _wait_until(done: Callable[[], bool], what: str, poll_seconds: float = 5.0) -> None:
@@ -254,12 +230,7 @@ def _prepare_output(out: Path, settings: RunSettings, *, overwrite: bool) -> Non
         if not run_file.exists():
             raise OutputExistsError(f"{out} exists, is not empty and is not an unfinished `smpo label` run; "
                                     "choose another output or pass --overwrite to replace it")
-        previous, current = read_json(run_file), asdict(settings)
-        if previous != current:
-            changed = ", ".join(f"{key} {previous.get(key)!r} (now {value!r})"
-                                for key, value in current.items() if previous.get(key) != value)
-            raise OutputExistsError(f"{out} holds an unfinished run with other settings: {changed}; rerun with "
-                                    "the same settings to resume it, or pass --overwrite to start again")
+        refuse_changed_settings(out, read_json(run_file), asdict(settings), what="an unfinished `smpo label` run")
         return  # resume
     prepare_output_dir(out, overwrite=overwrite, resume=False)
     write_json(run_file, asdict(settings))
@@ -270,97 +241,6 @@ def _load_scorer(name: str, path: str | Path | None, *, device: torch.device, dt
     from smpo.rewards import load_scorer
 
     return load_scorer(name, path, device=device, dtype=dtype, batch_size=batch_size)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Phase 1: scoring.
-
-
-def _shard_dir(work: Path, k: int) -> Path:
-    return work / f"shard-{k:05d}"
-
-
-def extra_columns(source: PairSource) -> list[str]:
-    """The source's columns carried into the output unchanged (all but those the output recomputes)."""
-    return [name for name in source.extra_columns if name not in OUTPUT_COLUMNS]
-
-
-def score_shards(source: PairSource, work: Path, score_fn: ScoreFn, settings: RunSettings, *,
-                 rank: int = 0, world: int = 1, progress: bool = True) -> None:
-    """Score the shards ``rank, rank + world, ...`` of ``source`` not yet in ``work``."""
-    def wanted(k: int) -> bool:
-        return k % world == rank and not _shard_dir(work, k).is_dir()
-
-    size, n = settings.shard_size, source.num_rows or source.expected_rows
-    todo = None if n is None else sum(min(size, n - k * size) for k in range(math.ceil(n / size)) if wanted(k))
-    with tqdm(total=todo, unit="pair", desc="smpo label", disable=not progress, smoothing=0.1) as bar:
-        for k, first_row, table in iter_shards(source, settings.shard_size, wanted):
-            scored, stats = score_table(source, table, first_row, score_fn, batch_size=settings.batch_size,
-                                        keep_ties=settings.keep_ties, on_rows=bar.update)
-            _write_work_shard(_shard_dir(work, k), scored, stats)
-    if source.num_rows is not None:  # a stream knows its length only now
-        write_json(work / "source.json", {"num_rows": source.num_rows})
-
-
-def score_table(source: PairSource, table: pa.Table, first_row: int, score_fn: ScoreFn, *, batch_size: int,
-                keep_ties: bool, on_rows: Callable[[int], Any] = lambda n: None) -> tuple[pa.Table, ReadStats]:
-    """Score the pairs of one shard in batches of ``batch_size`` pairs (``2 * batch_size`` images).
-
-    Returns the shard's rows in the output layout without ``winner``/``p_win``, and what was read.
-    """
-    stats = ReadStats()
-    columns: dict[str, list] = {name: [] for name in PAIR_COLUMNS}
-    kept: list[int] = []
-    batch: list[PreferencePair] = []
-    reported = 0
-
-    def flush() -> None:
-        nonlocal reported
-        if batch:
-            scores = score_pairs(score_fn, batch)
-            for pair, (score_0, score_1) in zip(batch, scores.tolist()):
-                for name, value in (("pair_id", pair.pair_id), ("caption", pair.caption), ("jpg_0", pair.jpg_0),
-                                    ("jpg_1", pair.jpg_1), ("label_0", pair.label_0), ("score_0", score_0),
-                                    ("score_1", score_1)):
-                    columns[name].append(value)
-                kept.append(pair.row - first_row)
-            batch.clear()
-        on_rows(stats.rows - reported)
-        reported = stats.rows
-
-    for pair in pairs_in_table(source, table, first_row, keep_ties=keep_ties, extras=False, stats=stats):
-        batch.append(pair)
-        if len(batch) == batch_size:
-            flush()
-    flush()
-    scored = pa.Table.from_pydict(columns, schema=_PAIR_SCHEMA)
-    extras = table.select(extra_columns(source)).take(pa.array(kept, pa.int64()))
-    for name in extras.column_names:
-        scored = scored.append_column(extras.schema.field(name), extras.column(name))
-    return scored, stats
-
-
-def score_pairs(score_fn: ScoreFn, pairs: Sequence[PreferencePair]) -> torch.Tensor:
-    """Scores ``[B, 2]`` (float64) of both images of each pair, in one scorer call."""
-    images = [p.image_0 for p in pairs] + [p.image_1 for p in pairs]
-    prompts = [p.caption for p in pairs] * 2
-    with torch.inference_mode():
-        scores = torch.as_tensor(score_fn(images, prompts)).detach().cpu().to(torch.float64).reshape(-1)
-    if scores.numel() != len(images):
-        raise ValueError(f"the scorer returned {scores.numel()} scores for {len(images)} images")
-    return torch.stack([scores[: len(pairs)], scores[len(pairs):]], dim=1)
-
-
-def _write_work_shard(folder: Path, scored: pa.Table, stats: ReadStats) -> None:
-    """Write one scored shard and its counts as one folder, atomically (it exists whole or not at all)."""
-    scores = np.concatenate([scored.column("score_0").to_numpy(), scored.column("score_1").to_numpy()])
-    record = stats.to_dict()
-    record["score_min"] = float(scores.min()) if scores.size else None
-    record["score_max"] = float(scores.max()) if scores.size else None
-    with atomic_path(folder) as tmp:
-        tmp.mkdir()
-        pq.write_table(scored, tmp / "scored.parquet")
-        write_json(tmp / "stats.json", record)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,7 +271,7 @@ def finalise(out: Path, *, score_min: float | None = None, score_max: float | No
         write_json(plan_file, plan)
     n = plan["num_shards"]
     for k in range(n):
-        scored_dir, final = _shard_dir(work, k), out / shard_name(k, n)
+        scored_dir, final = shard_dir(work, k), out / shard_name(k, n)
         if scored_dir.is_dir():
             table = pq.read_table(scored_dir / "scored.parquet")
             _write_final_shard(final, with_labels(table, plan["score_min"], plan["score_max"]))
@@ -412,10 +292,10 @@ def _plan(work: Path, settings: RunSettings, *, score_min: float | None, score_m
     if not source_file.exists():
         raise LabelError(f"{work.parent}: the scoring pass did not reach the end of the source; rerun to resume")
     n = math.ceil(read_json(source_file)["num_rows"] / settings.shard_size)
-    missing = [k for k in range(n) if not _shard_dir(work, k).is_dir()]
+    missing = [k for k in range(n) if not shard_dir(work, k).is_dir()]
     if missing:
         raise LabelError(f"{work.parent}: shards {missing[:10]} of {n} are not scored; rerun to resume")
-    records = [read_json(_shard_dir(work, k) / "stats.json") for k in range(n)]
+    records = [read_json(shard_dir(work, k) / "stats.json") for k in range(n)]
     stats = ReadStats()
     for record in records:
         stats.update(ReadStats.from_dict(record))
