@@ -130,12 +130,14 @@ def option_name(name: str) -> str:
 def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
                             dest_prefix: str = "", aliases: Mapping[str, Sequence[str]] | None = None,
                             choices: Mapping[str, Sequence[str]] | None = None,
-                            exclude: Sequence[str] = (), metavars: bool = True) -> None:
+                            exclude: Sequence[str] = (), positional: Sequence[str] = (),
+                            metavars: bool = True) -> None:
     """One ``--field-name`` option per field of ``cls`` (``dest`` = ``dest_prefix + field``).
 
     Help is the field's docstring and its default; booleans are ``--x/--no-x``; a ``Literal`` or
     an entry of ``choices`` restricts the values; sequences take one or more values. A field
-    without a default is a required option. ``aliases``: extra spellings per field.
+    without a default is a required option, or a positional argument when named in ``positional``.
+    ``aliases``: extra spellings per field.
     """
     docs, defaults = field_docs(cls), {f.name: f for f in dataclasses.fields(cls)}
     for name, tp in field_types(cls).items():
@@ -151,6 +153,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
         kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text, dest=dest_prefix + name)
         if not has_default:
             kwargs["required"] = True
+        if name in positional:
+            parser.add_argument(dest_prefix + name, help=help_text)
+            continue
         names = [option_name(name), *(aliases or {}).get(name, ())]
         allowed = (choices or {}).get(name)
         if inner is bool:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from smpo.cli import main
-from smpo.data.cache import LatentCache, pair_batch
+from smpo.data.latent_cache import LatentCache, pair_batch
 from smpo.models import load_family, prepare_image
 from smpo.models.presets import save_pipeline
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from smpo.cli import main
-from smpo.data.cache import LatentCache
+from smpo.data.latent_cache import LatentCache
 
 
 def _cache(tmp_path: Path, pipeline: Path, labelled: Path, name: str, *extra: str) -> Path:

@@ -46,7 +46,7 @@ def _train_argv(pipeline: Path, data: list[str], run: Path, method: str, finetun
 
 
 def test_the_cache_holds_latents_and_the_family_text_embeddings(flow_caches):
-    from smpo.data.cache import LatentCache
+    from smpo.data.latent_cache import LatentCache
 
     sd3, flux = LatentCache(flow_caches["sd3"]), LatentCache(flow_caches["flux"])
     assert sd3.family == "sd3" and flux.family == "flux" and sd3.resolution == 32 and len(sd3) == 8

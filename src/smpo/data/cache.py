@@ -23,7 +23,8 @@ Layout of the output folder::
     manifest.parquet           one row per pair: pair_id, shard, index, label columns
 
 Shards are written atomically (``smpo.io.atomic_path``): a killed job resumes at the first
-missing shard; the manifest is written last. Read a cache with :class:`LatentCache`.
+missing shard; the manifest is written last. Read a cache with
+:class:`smpo.data.latent_cache.LatentCache`.
 """
 
 from __future__ import annotations
@@ -31,225 +32,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from smpo.data.latent_cache import CACHE_VERSION, LABEL_COLUMNS, STORAGE_DTYPE, InversionSpec, LatentCache
 from smpo.io import (
     atomic_path,
     model_identity,
     prepare_output_dir,
     read_json,
+    refuse_changed_settings,
     resolve_device,
     resolve_dtype,
     write_json,
 )
 from smpo.models.family import Conditioning, FamilyAdapter, prepare_image
-from smpo.objective import PairBatch
+from smpo.options import add_dataclass_arguments, dataclass_from_args
 
-CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class InversionSpec:
-    """What a stored inversion was computed with; training checks its objective against it."""
-
-    unet: str  # the reference UNet: --unet, else the pipeline's (--model)
-    steps: int = 5
-    renoise_iters: int = 1  # 0: plain DDIM inversion
-    land_on_t: bool = False
-    guidance: float = 1.0
-    size_conditioning: str = "image"  # SDXL time ids: each image's own, or the authors' fixed target
-
-    def mismatches(self, objective: Any, size_conditioning: str, unet: str) -> list[str]:
-        """The settings of a run (resolved objective, ``data.size_conditioning``, its initial UNet)
-        that differ from this spec, as ``name: run vs cache`` strings."""
-        pairs = {"objective.inversion_steps": (objective.inversion_steps, self.steps),
-                 "objective.renoise_iters (effective)": (objective.effective_renoise_iters, self.renoise_iters),
-                 "objective.land_on_t": (objective.land_on_t, self.land_on_t),
-                 "objective.inversion_guidance": (objective.inversion_guidance, self.guidance),
-                 "data.size_conditioning": (size_conditioning, self.size_conditioning),
-                 "reference UNet (model.unet or model.pretrained)": (model_identity(unet), model_identity(self.unet))}
-        return [f"{k}: {run!r} vs {cached!r}" for k, (run, cached) in pairs.items() if run != cached]
-STORAGE_DTYPE = torch.float16
-LABEL_COLUMNS = ("winner", "p_win", "label_0", "score_0", "score_1")
-"""Columns copied into the manifest when the source has them (``smpo label`` writes all five)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-
-
-@dataclass
-class CachedPair:
-    """One cached pair; tensors as stored (fp16), without a batch dimension.
-
-    ``latents[k]``: image ``k``'s latents ``[C, h, w]``; ``conditioning(k)`` rebuilds image ``k``'s
-    full :class:`Conditioning` (a batch of 1). ``labels`` holds the manifest's label columns.
-    """
-
-    pair_id: str
-    caption: str
-    latents: tuple[Tensor, Tensor]
-    hidden_states: Tensor
-    text_added: dict[str, Tensor]
-    image_added: tuple[dict[str, Tensor], dict[str, Tensor]]
-    labels: dict[str, Any] = field(default_factory=dict)
-    inversion: tuple[Tensor, Tensor] | None = None  # each image's stored inversion, [L, C, h, w]
-
-    def conditioning(self, image: int) -> Conditioning:
-        """The conditioning of image ``image`` (0 or 1) with its prompt, a batch of 1."""
-        added = {**self.text_added, **self.image_added[image]}
-        return Conditioning(self.hidden_states[None], {k: v[None] for k, v in added.items()} or None)
-
-    @property
-    def human_winner(self) -> int | None:
-        """The image the human preferred (``label_0``: 1 -> 0, 0 -> 1); ``None`` for a tie or no label."""
-        label = self.labels.get("label_0")
-        if label is None or float(label) == 0.5:
-            return None
-        return 0 if float(label) == 1.0 else 1
-
-    @property
-    def winner(self) -> int:
-        """The reward-chosen winner (``smpo label``'s ``winner`` column), else the human label's."""
-        if self.labels.get("winner") is not None:
-            return int(self.labels["winner"])
-        if self.human_winner is None:
-            raise ValueError(f"pair {self.pair_id}: no winner column and no human preference "
-                             f"(label_0={self.labels.get('label_0')})")
-        return self.human_winner
-
-    @property
-    def p_win(self) -> float:
-        """The smoothed probability of :attr:`winner` (Eq. 11); 1.0 when the cache has no ``p_win``."""
-        value = self.labels.get("p_win")
-        return 1.0 if value is None else float(value)
-
-
-def pair_batch(pairs: Sequence[CachedPair], seeds: Sequence[int], *, human_labels: bool = False,
-               uncond: Conditioning | None = None, device: torch.device | str | None = None) -> PairBatch:
-    """A :class:`smpo.objective.PairBatch` of cached pairs, winner first.
-
-    The winner is the reward-chosen one (``winner`` column) with its ``p_win``, or with
-    ``human_labels`` the human's choice with ``p_win = 1`` (ties must have been dropped). Latents
-    are returned in float32; each image keeps its own conditioning (SDXL ``time_ids``).
-    """
-    order = []
-    for pair in pairs:
-        w = pair.human_winner if human_labels else pair.winner
-        if w is None:
-            raise ValueError(f"pair {pair.pair_id} is a human tie; drop ties before batching with human labels")
-        order.append(w)
-    latents_w = torch.stack([p.latents[w] for p, w in zip(pairs, order)]).float()
-    latents_l = torch.stack([p.latents[1 - w] for p, w in zip(pairs, order)]).float()
-    cond = Conditioning.cat([p.conditioning(w) for p, w in zip(pairs, order)])
-    cond_l = Conditioning.cat([p.conditioning(1 - w) for p, w in zip(pairs, order)])
-    p_win = torch.tensor([1.0 if human_labels else p.p_win for p in pairs])
-    batch = PairBatch(latents_w=latents_w, latents_l=latents_l, cond=cond, p_win=p_win, seeds=list(seeds),
-                      uncond=uncond, cond_l=cond_l)
-    return batch if device is None else batch.to(device)
-
-
-class LatentCache:
-    """Read a folder written by ``smpo cache``: ``len``, ``pair_ids``, ``get(pair_id)``, ``cache[i]``.
-
-    Shards are memory-mapped (safetensors) and opened on first use.
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        info_path, manifest_path = self.folder / "cache.json", self.folder / "manifest.parquet"
-        if not info_path.is_file() or not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.folder} is not a finished smpo cache (cache.json or manifest.parquet "
-                                    "is missing; rerun `smpo cache` to finish it)")
-        self.info: dict[str, Any] = read_json(info_path)
-        import pyarrow.parquet as pq
-
-        self.manifest = pq.read_table(manifest_path).to_pydict()
-        self._ids: list[str] = [str(p) for p in self.manifest["pair_id"]]
-        self._row_of = {pid: i for i, pid in enumerate(self._ids)}
-        self._shards: dict[str, Any] = {}
-
-    @property
-    def family(self) -> str:
-        return str(self.info["family"])
-
-    @property
-    def resolution(self) -> int:
-        return int(self.info["resolution"])
-
-    @property
-    def pair_ids(self) -> list[str]:
-        return list(self._ids)
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, pair_id: object) -> bool:
-        return str(pair_id) in self._row_of
-
-    def __getitem__(self, index: int) -> CachedPair:
-        return self.get(self._ids[index])
-
-    def __iter__(self) -> Iterator[CachedPair]:
-        return (self.get(pid) for pid in self._ids)
-
-    def _shard(self, name: str) -> Any:
-        if name not in self._shards:
-            from safetensors import safe_open
-
-            self._shards[name] = safe_open(str(self.folder / "shards" / name), framework="pt")
-        return self._shards[name]
-
-    def get(self, pair_id: str | int) -> CachedPair:
-        """The pair ``pair_id`` (compared as a string)."""
-        key = str(pair_id)
-        if key not in self._row_of:
-            raise KeyError(f"pair {key!r} is not in the cache {self.folder}")
-        row = self._row_of[key]
-        shard = self._shard(self.manifest["shard"][row])
-        i, c = int(self.manifest["index"][row]), int(self.manifest["caption_index"][row])
-        names = shard.keys()
-        text_added = {n.split(".", 2)[2]: shard.get_slice(n)[c] for n in names if n.startswith("text.added.")}
-        image_added = tuple({n.split(".", 2)[2]: shard.get_slice(n)[i] for n in names
-                             if n.startswith(f"image{k}.added.")} for k in (0, 1))
-        inversion = None
-        if "image0.inversion" in names:
-            inversion = (shard.get_slice("image0.inversion")[i], shard.get_slice("image1.inversion")[i])
-        return CachedPair(
-            pair_id=key, caption=self.manifest["caption"][row],
-            latents=(shard.get_slice("image0.latents")[i], shard.get_slice("image1.latents")[i]),
-            hidden_states=shard.get_slice("text.hidden_states")[c], text_added=text_added,
-            image_added=image_added, labels=self.labels(key), inversion=inversion,  # type: ignore[arg-type]
-        )
-
-    @property
-    def inversion(self) -> InversionSpec | None:
-        """How the stored inversions were made (``None``: the cache has none)."""
-        spec = self.info.get("inversion")
-        return None if spec is None else InversionSpec(**spec)
-
-    def labels(self, pair_id: str | int) -> dict[str, Any]:
-        """The label columns of pair ``pair_id`` from the manifest (no tensor is read)."""
-        key = str(pair_id)
-        if key not in self._row_of:
-            raise KeyError(f"pair {key!r} is not in the cache {self.folder}")
-        row = self._row_of[key]
-        return {col: self.manifest[col][row] for col in LABEL_COLUMNS if col in self.manifest}
-
-    def empty_conditioning(self) -> Conditioning:
-        """The empty prompt's text conditioning (a batch of 1; SDXL ``time_ids`` of the square default)."""
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.folder / "empty.safetensors"))
-        added = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("added.")}
-        return Conditioning(tensors["hidden_states"], added or None)
-
+__all__ = ["CacheSummary", "InversionSpec", "LatentCache", "build_cache", "bytes_per_pair", "encode_shard",
+           "invert_images"]  # LatentCache: read it from smpo.data.latent_cache
 
 # --------------------------------------------------------------------------------------------
 # Writing
@@ -432,13 +238,8 @@ def _shard_name(k: int) -> str:
 
 def _check_resume(folder: Path, info: dict[str, Any]) -> None:
     previous = folder / "cache.json"
-    if not previous.is_file():
-        return
-    old = read_json(previous)
-    differing = sorted(k for k in info if old.get(k) != info[k])
-    if differing:
-        raise ValueError(f"{folder} holds a cache made with other settings ({', '.join(differing)} differ); "
-                         "pass --overwrite to start again")
+    if previous.is_file():
+        refuse_changed_settings(folder, read_json(previous), info, what="a cache")
 
 
 def _write_manifest(folder: Path, summary: CacheSummary) -> None:
@@ -469,60 +270,92 @@ def _write_manifest(folder: Path, summary: CacheSummary) -> None:
 # CLI
 
 
+@dataclass
+class CacheConfig:
+    """Settings of `smpo cache` (each field is one command-line option; the inversion's in a group)."""
+
+    data: str
+    """labelled dataset (output of `smpo label`: a folder of parquet shards), or any source the pair reader takes"""
+    model: str
+    """diffusers pipeline folder or hub id (its VAE and text encoders)"""
+    out: str
+    """output folder"""
+    family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = "auto"
+    """model family (auto: from model_index.json)"""
+    vae: str | None = None
+    """separate VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix)"""
+    revision: str | None = None
+    """hub revision of --model"""
+    variant: str | None = None
+    """weights variant of --model (e.g. fp16)"""
+    split: str = "train"
+    """split of the source"""
+    limit: int | None = None
+    """cache only the first N rows"""
+    resolution: int | None = None
+    """pixel size of the square crop (default: the model's, e.g. 512 SD1.5, 1024 SDXL)"""
+    shard_size: int = 1000
+    """pairs per shard file"""
+    batch_size: int = 8
+    """images per VAE / text-encoder call"""
+    device: str | None = None
+    """cuda, cpu, ... (default: the best available)"""
+    dtype: str | None = None
+    """fp32, fp16 or bf16 for encoding (default: fp16 on CUDA, else fp32)"""
+    overwrite: bool = False
+    """replace an existing output folder"""
+    progress: bool = True
+    """show a progress bar"""
+    store_inversion: bool = False
+    """also store each image's inversion by the frozen reference UNet at the grid levels (fp16)"""
+    unet: str | None = None
+    """the reference UNet, when not the pipeline's (e.g. an SFT-tuned one)"""
+    inversion_steps: int = 5
+    """inversion grid size (SDXL recipes: 10)"""
+    renoise_iters: int = 1
+    """ReNoise iterations per step (0: DDIM)"""
+    land_on_t: bool = False
+    """the objective's land_on_t (false: the authors' grid)"""
+    inversion_guidance: float = 1.0
+    """CFG weight of the inversion"""
+    size_conditioning: Literal["image", "target"] = "image"
+    """SDXL time ids the inversion conditions on: the training's data.size_conditioning"""
+
+
+_INVERSION_OPTIONS = ("store_inversion", "unet", "inversion_steps", "renoise_iters", "land_on_t",
+                      "inversion_guidance", "size_conditioning")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="labelled dataset (output of `smpo label`: a folder of parquet shards), "
-                        "or any source the pair reader takes")
-    parser.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (its VAE and text encoders)")
-    parser.add_argument("--output", "--out", dest="out", required=True, help="output folder")
-    parser.add_argument("--family", default="auto", choices=["auto", "sd15", "sdxl", "sd3", "flux"],
-                        help="model family (default: auto, from model_index.json)")
-    parser.add_argument("--vae", default=None, help="separate VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix)")
-    parser.add_argument("--revision", default=None, help="hub revision of --model")
-    parser.add_argument("--variant", default=None, help="weights variant of --model (e.g. fp16)")
-    parser.add_argument("--split", default="train", help="split of the source (default: train)")
-    parser.add_argument("--limit", type=int, default=None, help="cache only the first N rows")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="pixel size of the square crop (default: the model's, e.g. 512 SD1.5, 1024 SDXL)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="pairs per shard file (default: 1000)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per VAE / text-encoder call (default: 8)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best available)")
-    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 for encoding (default: fp16 on CUDA, else fp32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    main_options = [f.name for f in fields(CacheConfig) if f.name not in _INVERSION_OPTIONS]
+    add_dataclass_arguments(parser, CacheConfig, positional=("data",), aliases={"out": ("--output",)},
+                            exclude=_INVERSION_OPTIONS)
     inv = parser.add_argument_group("stored reference inversion (for SmPO with inverting_network: reference)")
-    inv.add_argument("--store-inversion", action="store_true",
-                     help="also store each image's inversion by the frozen reference UNet at the grid levels (fp16)")
-    inv.add_argument("--unet", default=None, help="the reference UNet, when not the pipeline's (e.g. an SFT-tuned one)")
-    inv.add_argument("--inversion-steps", type=int, default=5, help="inversion grid size (default 5; SDXL recipes: 10)")
-    inv.add_argument("--renoise-iters", type=int, default=1, help="ReNoise iterations per step (default 1; 0: DDIM)")
-    inv.add_argument("--land-on-t", action=argparse.BooleanOptionalAction, default=False,
-                     help="the objective's land_on_t (default: false, the authors' grid)")
-    inv.add_argument("--inversion-guidance", type=float, default=1.0, help="CFG weight of the inversion (default 1)")
-    inv.add_argument("--size-conditioning", choices=["image", "target"], default="image",
-                     help="SDXL time ids the inversion conditions on: the training's data.size_conditioning")
+    add_dataclass_arguments(inv, CacheConfig, exclude=main_options)
 
 
 def run(args: argparse.Namespace) -> int:
     from smpo.models.family import load_family
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    config = dataclass_from_args(CacheConfig, args)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     inversion = None
-    if args.store_inversion:
-        if args.inversion_steps < 1 or args.renoise_iters < 0:
-            raise ValueError(f"--inversion-steps must be >= 1 and --renoise-iters >= 0; got {args.inversion_steps} "
-                             f"and {args.renoise_iters}")
-        inversion = InversionSpec(unet=model_identity(args.unet or args.model), steps=args.inversion_steps,
-                                  renoise_iters=args.renoise_iters, land_on_t=args.land_on_t,
-                                  guidance=args.inversion_guidance, size_conditioning=args.size_conditioning)
-    elif args.unet:
+    if config.store_inversion:
+        if config.inversion_steps < 1 or config.renoise_iters < 0:
+            raise ValueError(f"--inversion-steps must be >= 1 and --renoise-iters >= 0; got {config.inversion_steps} "
+                             f"and {config.renoise_iters}")
+        inversion = InversionSpec(unet=model_identity(config.unet or config.model), steps=config.inversion_steps,
+                                  renoise_iters=config.renoise_iters, land_on_t=config.land_on_t,
+                                  guidance=config.inversion_guidance, size_conditioning=config.size_conditioning)
+    elif config.unet:
         raise ValueError("--unet is the reference of --store-inversion; the latents need only --model")
-    family = load_family(args.model, family=args.family, vae=args.vae, unet=args.unet, revision=args.revision,
-                         variant=args.variant, dtype=dtype, device=device, with_unet=inversion is not None)
-    if args.resolution is not None:
-        family.resolution = args.resolution
-    build_cache(args.data, args.out, family, model=str(args.model), shard_size=args.shard_size,
-                batch_size=args.batch_size, overwrite=args.overwrite, split=args.split, limit=args.limit,
-                progress=not args.no_progress, inversion=inversion)
+    family = load_family(config.model, family=config.family, vae=config.vae, unet=config.unet, revision=config.revision,
+                         variant=config.variant, dtype=dtype, device=device, with_unet=inversion is not None)
+    if config.resolution is not None:
+        family.resolution = config.resolution
+    build_cache(config.data, config.out, family, model=str(config.model), shard_size=config.shard_size,
+                batch_size=config.batch_size, overwrite=config.overwrite, split=config.split, limit=config.limit,
+                progress=config.progress, inversion=inversion)
     return 0
 

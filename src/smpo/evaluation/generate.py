@@ -37,7 +37,16 @@ from smpo.evaluation.control import (
 )
 from smpo.evaluation.manifest import SETTINGS, ImageRecord, image_file, read_manifest, write_manifest
 from smpo.evaluation.pipelines import FAMILY_GUIDANCE_SCALE, SCHEDULERS, detect_family, load_pipeline
-from smpo.io import atomic_path, prepare_output_dir, read_json, resolve_device, resolve_dtype, write_json
+from smpo.io import (
+    atomic_path,
+    prepare_output_dir,
+    read_json,
+    refuse_changed_settings,
+    resolve_device,
+    resolve_dtype,
+    write_json,
+)
+from smpo.options import add_dataclass_arguments, dataclass_from_args
 from smpo.prompts import Prompt, load_prompts
 
 MAX_IMAGES_PER_PROMPT = 10_000
@@ -230,12 +239,7 @@ def _check_resume(out: Path, settings: dict, plan: Sequence[ImageRecord]) -> Non
     """Refuse to resume into ``out`` when its images were made with other settings or prompts."""
     path = out / SETTINGS
     if path.is_file():
-        previous = read_json(path).get("image_settings", {})
-        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-        if changed:
-            detail = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise ValueError(f"{out} holds images made with other settings ({detail}); "
-                             "use another output folder or --overwrite")
+        refuse_changed_settings(out, read_json(path).get("image_settings", {}), settings, what="images")
     earlier = {(r.prompt_index, r.image_index): r.prompt for r in _earlier_records(out)}
     for r in plan:
         old = earlier.get((r.prompt_index, r.image_index))
@@ -298,62 +302,16 @@ def _earlier_records(out: Path) -> list[ImageRecord]:
     return read_manifest(out) if (out / "manifest.jsonl").is_file() else []
 
 
+_CHOICES = {"scheduler": sorted(SCHEDULERS), "control_type": list(CONTROL_TYPES)}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=_doc("model"))
-    parser.add_argument("--prompts", required=True, help=_doc("prompts"))
-    parser.add_argument("--output", "--out", dest="out", required=True, help=_doc("out"))
-    parser.add_argument("--unet", help=_doc("unet"))
-    parser.add_argument("--lora-scale", type=float, default=1.0, help=_doc("lora_scale"))
-    parser.add_argument("--categories", nargs="+", help=_doc("categories"))
-    parser.add_argument("--limit", type=int, help=_doc("limit"))
-    parser.add_argument("--images-per-prompt", type=int, default=1, help=_doc("images_per_prompt"))
-    parser.add_argument("--seed", type=int, default=0, help=_doc("seed"))
-    parser.add_argument("--seed-per-prompt", action="store_true", help=_doc("seed_per_prompt"))
-    parser.add_argument("--guidance-scale", "--cfg", type=float, help=_doc("guidance_scale"))
-    parser.add_argument("--steps", type=int, default=50, help=_doc("steps"))
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help=_doc("scheduler"))
-    parser.add_argument("--height", type=int, help=_doc("height"))
-    parser.add_argument("--width", type=int, help=_doc("width"))
-    parser.add_argument("--negative-prompt", help=_doc("negative_prompt"))
-    parser.add_argument("--batch-size", type=int, default=4, help=_doc("batch_size"))
-    parser.add_argument("--dtype", help=_doc("dtype"))
-    parser.add_argument("--device", help=_doc("device"))
-    parser.add_argument("--controlnet", help=_doc("controlnet"))
-    parser.add_argument("--control-type", choices=CONTROL_TYPES, help=_doc("control_type"))
-    parser.add_argument("--control-images", help=_doc("control_images"))
-    parser.add_argument("--control-maps", action="store_true", help=_doc("control_maps"))
-    parser.add_argument("--conditioning-scale", type=float, help=_doc("conditioning_scale"))
-    parser.add_argument("--canny-low", type=float, default=100.0, help=_doc("canny_low"))
-    parser.add_argument("--canny-high", type=float, default=200.0, help=_doc("canny_high"))
-    parser.add_argument("--depth-model", help=_doc("depth_model"))
-    parser.add_argument("--safety-checker", action="store_true", help=_doc("safety_checker"))
-    parser.add_argument("--overwrite", action="store_true", help=_doc("overwrite"))
-
-
-def _doc(name: str) -> str:
-    """The option's help: the docstring under the config field (one place for each option's text)."""
-    return _FIELD_DOCS.get(name, "")
-
-
-def _field_docs() -> dict[str, str]:
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(GenerateConfig))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-            docs[node.target.id] = str(following.value.value)
-    return docs
-
-
-_FIELD_DOCS = _field_docs()
+    add_dataclass_arguments(parser, GenerateConfig, aliases={"out": ("--output",), "guidance_scale": ("--cfg",)},
+                            choices=_CHOICES)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = GenerateConfig(**{k: v for k, v in vars(args).items() if k in GenerateConfig.__dataclass_fields__})
-    out = generate(config)
+    out = generate(dataclass_from_args(GenerateConfig, args, choices=_CHOICES))
     print(f"images and manifest in {out}")
     return 0
 
