@@ -127,3 +127,23 @@ def test_hpdv2_by_name_downloads_the_benchmark_files_from_the_hub(tmp_path, monk
     prompts = load_prompts("hpdv2")
     assert calls == [("zhwang/HPDv2", f"{s}.json", "benchmark", "dataset") for s in HPDV2_STYLES]
     assert [(p.index, p.category) for p in prompts] == list(enumerate(HPDV2_STYLES))
+
+
+def test_a_source_without_prompts_is_an_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"empty.txt: the prompt source holds no prompts"):
+        load_prompts(empty)
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        load_prompts("parti", limit=0)
+
+
+def test_generate_with_an_empty_prompt_file_exits_2_and_leaves_no_output(tmp_path, capsys):
+    from smpo.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    out = tmp_path / "images"
+    assert main(["generate", "--model", str(tmp_path), "--prompts", str(empty), "--output", str(out)]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    assert not out.exists()

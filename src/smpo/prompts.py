@@ -59,14 +59,17 @@ def load_prompts(name_or_path: str | os.PathLike, *, categories: Iterable[str] |
     """Load a prompt set by name (``parti``, ``hpdv2``) or from a file or an HPDv2 ``benchmark`` folder.
 
     ``categories`` keeps only prompts of those categories (case-insensitive; an unknown category is
-    an error that lists the known ones); ``limit`` then keeps the first ``limit`` prompts.
+    an error that lists the known ones); ``limit`` then keeps the first ``limit`` prompts. A source
+    that holds no prompt is an error: a job would otherwise finish having made nothing.
     """
     prompts = _read_source(name_or_path)
+    if not prompts:
+        raise ValueError(f"{name_or_path}: the prompt source holds no prompts")
     if categories is not None:
         prompts = filter_categories(prompts, categories, source=str(name_or_path))
     if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
         prompts = prompts[:limit]
     return prompts
 

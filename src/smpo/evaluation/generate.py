@@ -253,11 +253,11 @@ def generate(config: GenerateConfig) -> Path:
     from accelerate import PartialState
 
     state = PartialState()
+    prompts = load_prompts(config.prompts, categories=config.categories, limit=config.limit)
     family = detect_family(config.model)
     config = resolve_defaults(config, family)
     settings = image_settings(config, family)
     out = Path(config.out)
-    prompts = load_prompts(config.prompts, categories=config.categories, limit=config.limit)
     if state.is_main_process:
         prepare_output_dir(out, overwrite=config.overwrite, resume=True)
         plan = plan_images(prompts, images_per_prompt=config.images_per_prompt, seed=config.seed,
