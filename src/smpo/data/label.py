@@ -13,7 +13,7 @@ The job runs in two phases so that a kill at any moment followed by the same com
 same bytes as an uninterrupted run:
 
 1. Scoring. Source rows are cut into shards of ``shard_size`` rows; process ``i`` of ``world``
-   (``accelerate.PartialState``) scores shards ``i, i + world, ...`` in batches and writes each
+   (``smpo.processes.process_state``) scores shards ``i, i + world, ...`` in batches and writes each
    one as ``.work/shard-KKKKK/`` (scores, no ``p_win`` yet), atomically: a shard folder is there
    whole or not at all, and a rerun skips the shards that are there.
    (:mod:`smpo.data.scoring`.)
@@ -141,11 +141,10 @@ def label_pairs(
     same settings is resumed; a finished or foreign ``output`` is refused unless ``overwrite``.
     Runs on every process of an ``accelerate launch``; returns the same summary on each.
     """
-    from accelerate import PartialState
-
     from smpo.io import resolve_device, resolve_dtype
+    from smpo.processes import process_state
 
-    state = PartialState()
+    state = process_state()
     out = Path(output)
     run_device = resolve_device(device) if device is not None else state.device
     run_dtype = resolve_dtype(dtype, run_device)
@@ -420,8 +419,8 @@ def run(args: argparse.Namespace) -> int:
         score_min=args.score_min, score_max=args.score_max, limit=args.limit, device=args.device,
         dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
     )
-    from accelerate import PartialState
+    from smpo.processes import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(summary.format())
     return 0

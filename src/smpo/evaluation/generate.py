@@ -250,9 +250,9 @@ def _check_resume(out: Path, settings: dict, plan: Sequence[ImageRecord]) -> Non
 
 def generate(config: GenerateConfig) -> Path:
     """Run `smpo generate` from a config; returns the output folder."""
-    from accelerate import PartialState
+    from smpo.processes import process_state
 
-    state = PartialState()
+    state = process_state()
     prompts = load_prompts(config.prompts, categories=config.categories, limit=config.limit)
     family = detect_family(config.model)
     config = resolve_defaults(config, family)
