@@ -193,3 +193,40 @@ def test_controlnet_needs_its_options(tiny_pipelines, prompt_file, tmp_path, cap
     _generate(tiny_pipelines["sd15"], prompt_file, tmp_path / "y", "--controlnet", str(tmp_path),
               "--control-type", "canny", code=2)
     assert "--controlnet needs --control-images" in capsys.readouterr().err
+
+
+def test_two_torchrun_processes_take_half_the_prompts_each_and_match_one_process(tiny_pipelines, prompt_file,
+                                                                                  tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from smpo.cli import main
+
+    options = ["--model", str(tiny_pipelines["sd15"]), "--prompts", str(prompt_file), "--steps", "2",
+               "--images-per-prompt", "2"]
+    assert main(["generate", *options, "--output", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "generate_logged.py"  # each process logs the prompts it samples
+    script.write_text("import sys, smpo.evaluation.generate as g; real = g._sample\n"
+                      "def logged(pipe, batch, **kw):\n"
+                      "    print('sampled', *sorted({r.prompt_index for r in batch}), flush=True)\n"
+                      "    return real(pipe, batch, **kw)\n"
+                      "g._sample = logged\n"
+                      "from smpo.cli import main; sys.exit(main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29518", "--tee", "3", str(script), "generate", *options, "--output", str(tmp_path / "two")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sampled: dict[str, set[str]] = {}
+    for line in result.stdout.splitlines():
+        if "sampled" in line:
+            rank, _, rest = line.partition("]:")
+            sampled.setdefault(rank.strip("[ "), set()).update(rest.split()[1:])
+    assert sorted(map(sorted, sampled.values())) == [["0", "2"], ["1"]], result.stdout  # prompt k on process k % 2
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "manifest.jsonl").read_bytes() == (two / "manifest.jsonl").read_bytes()
+    names = sorted(p.name for p in (one / "images").iterdir())
+    assert names == sorted(p.name for p in (two / "images").iterdir()) and len(names) == 6
+    for name in names:
+        assert (one / "images" / name).read_bytes() == (two / "images" / name).read_bytes()
