@@ -127,3 +127,39 @@ def test_cache_resumes_after_a_kill_and_refuses_other_settings(labelled, models,
     assert "shard_size" in cli_error([*args[:-3], "--shard-size", "3", "--no-progress"])
     assert main([*args[:-3], "--shard-size", "3", "--no-progress", "--overwrite"]) == 0
     assert len(LatentCache(out)) == 5
+
+
+@pytest.mark.parametrize("store_inversion", [False, True])
+def test_two_torchrun_processes_encode_half_the_shards_each_and_match_one_process(store_inversion, labelled, models,
+                                                                                  tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data, _ = labelled
+    args = [str(data), "--model", str(models["sd15"]), "--shard-size", "2", "--no-progress",
+            *(["--store-inversion", "--inversion-steps", "2"] if store_inversion else [])]
+    assert main(["cache", *args, "--out", str(tmp_path / "one")]) == 0
+    script = tmp_path / "cache_logged.py"  # each process logs the first pair of each shard it encodes
+    script.write_text("import sys, smpo.data.cache as c; real = c.encode_shard\n"
+                      "def logged(family, pairs, **kw):\n"
+                      "    print('encodes', pairs[0].pair_id, flush=True); return real(family, pairs, **kw)\n"
+                      "c.encode_shard = logged\n"
+                      "from smpo.cli import main; sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29519", "--tee", "3", str(script), "cache", *args, "--out", str(tmp_path / "two")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written: dict[str, set[str]] = {}
+    for line in result.stdout.splitlines():
+        if "encodes" in line:
+            rank, _, rest = line.partition("]:")
+            written.setdefault(rank.strip("[ "), set()).add(rest.split()[-1])
+    assert sorted(map(sorted, written.values())) == [["p0", "p4"], ["p2"]], result.stdout  # shard k on process k % 2
+    one, two = _shards(tmp_path / "one"), _shards(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name, (tensors, meta) in one.items():
+        assert two[name][1] == meta and all(torch.equal(two[name][0][k], v) for k, v in tensors.items())
+    assert (tmp_path / "one" / "manifest.parquet").read_bytes() == (tmp_path / "two" / "manifest.parquet").read_bytes()
+    assert not (tmp_path / "two" / ".work").exists()

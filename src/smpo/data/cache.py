@@ -22,7 +22,10 @@ Layout of the output folder::
     shards/shard-00000.safetensors   fp16 tensors; the pairs' ids and labels in its metadata
     manifest.parquet           one row per pair: pair_id, shard, index, label columns
 
-Shards are written atomically (``smpo.io.atomic_path``): a killed job resumes at the first
+Several processes (``accelerate launch`` / ``torchrun``): process ``i`` of ``n`` encodes shards
+``i, i + n, ...``; each notes the end of its pass in ``.work/``, and the main process writes the
+manifest once every process's pass is over (the bytes are those of one process). Shards are
+written atomically (``smpo.io.atomic_path``): a killed job resumes at the first
 missing shard; the manifest is written last. Read a cache with
 :class:`smpo.data.latent_cache.LatentCache`.
 """
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -53,6 +58,8 @@ from smpo.io import (
 )
 from smpo.models.family import Conditioning, FamilyAdapter, prepare_image
 from smpo.options import add_dataclass_arguments, dataclass_from_args
+
+WORK_DIR = ".work"  # each process's end-of-pass note while a launch runs
 
 __all__ = ["CacheSummary", "InversionSpec", "LatentCache", "build_cache", "bytes_per_pair", "encode_shard",
            "invert_images"]  # LatentCache: read it from smpo.data.latent_cache
@@ -183,7 +190,9 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
     from smpo.data.pairs import iter_shards, pairs_in_table
     from smpo.data.schema import ReadStats
     from smpo.data.sources import open_source
+    from smpo.processes import process_state, wait_until
 
+    state = process_state()
     source = open_source(data, split=split, limit=limit)
     info = {"version": CACHE_VERSION, "family": family.name, "model": model, "resolution": family.resolution,
             "prediction_type": family.prediction_type, "shard_size": shard_size, "source": str(data),
@@ -194,27 +203,33 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
     if inversion is not None and family.prediction_type_family != "diffusion":
         raise ValueError(f"--store-inversion stores DDIM inversions (SD1.5, SDXL); the {family.name} family "
                          "inverts its flow at training time")
-    folder = prepare_output_dir(out, overwrite=overwrite, resume=True)
-    _check_resume(folder, info)
-    write_json(folder / "cache.json", info)
-    if source.num_rows is not None:
-        print(f"smpo cache: {source.description}: disk estimate {_disk_estimate(source.num_rows, family, inversion)}",
-              flush=True)
-    else:
-        print(f"smpo cache: {source.description}: a stream of unknown length; disk estimate "
-              f"{bytes_per_pair(family, inversion) / 2**10:.1f} KiB per pair", flush=True)
-    with atomic_path(folder / "empty.safetensors") as tmp:
-        empty = family.encode_prompts([""]).to("cpu")
-        save_file({"hidden_states": _store(empty.hidden_states),
-                   **{f"added.{k}": v.float().contiguous() for k, v in (empty.added or {}).items()}}, str(tmp))
+    folder, work = Path(out), Path(out) / WORK_DIR
+    if state.is_main_process:
+        prepare_output_dir(folder, overwrite=overwrite, resume=True)
+        _check_resume(folder, info)
+        write_json(folder / "cache.json", info)
+        shutil.rmtree(work, ignore_errors=True)  # the passes of an earlier (killed) launch
+        work.mkdir()
+        _announce(source, family, inversion)
+        with atomic_path(folder / "empty.safetensors") as tmp:
+            empty = family.encode_prompts([""]).to("cpu")
+            save_file({"hidden_states": _store(empty.hidden_states),
+                       **{f"added.{k}": v.float().contiguous() for k, v in (empty.added or {}).items()}}, str(tmp))
+    state.wait_for_everyone()
 
     shard_dir = folder / "shards"
     shard_dir.mkdir(exist_ok=True)
+    rank, world = state.process_index, state.num_processes
     done = {int(path.name[6:11]) for path in shard_dir.glob("shard-?????.safetensors")}
     summary = CacheSummary(shards_reused=len(done))
-    total = source.num_rows
-    bar = tqdm(total=total, unit="pair", desc="smpo cache", disable=not progress)
-    for k, first_row, table in iter_shards(source, shard_size, wanted=lambda k: k not in done):
+    def wanted(k: int) -> bool:
+        return k % world == rank and k not in done
+
+    n = source.num_rows
+    todo = None if n is None else sum(min(shard_size, n - k * shard_size)
+                                      for k in range(math.ceil(n / shard_size)) if wanted(k))
+    bar = tqdm(total=todo, unit="pair", desc="smpo cache", disable=not (progress and state.is_local_main_process))
+    for k, first_row, table in iter_shards(source, shard_size, wanted=wanted):
         stats = ReadStats()
         pairs = list(pairs_in_table(source, table, first_row, keep_ties=True, stats=stats))
         tensors = encode_shard(family, pairs, batch_size=batch_size, inversion=inversion) if pairs else {}
@@ -224,12 +239,34 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
         summary.shards_written += 1
         bar.update(table.num_rows)
     bar.close()
+    write_json(work / f"done-{rank:05d}.json", {"num_rows": source.num_rows})  # this process's pass is over
+    # No collective barrier: processes may finish hours apart, longer than a process group's timeout.
+    if not state.is_main_process:
+        wait_until(lambda: (folder / "manifest.parquet").exists(), f"{folder / 'manifest.parquet'}", "smpo cache")
+        summary.pairs = len(LatentCache(folder))
+        return summary
+    wait_until(lambda: all((work / f"done-{r:05d}.json").exists() for r in range(world)),
+               "the other processes' shards", "smpo cache")
+    num_rows = read_json(work / f"done-{0:05d}.json")["num_rows"]
+    missing = [k for k in range(math.ceil(num_rows / shard_size)) if not (shard_dir / _shard_name(k)).exists()]
+    if missing:
+        raise ValueError(f"{folder}: shards {missing[:10]} are missing after every process's pass; rerun to resume")
     _write_manifest(folder, summary)
-    print(f"smpo cache: {summary.pairs} pairs in {folder} ({summary.shards_written} shards written, "
+    shutil.rmtree(work)
+    print(f"smpo cache: {summary.pairs} pairs in {folder} ({summary.shards_written} shards written here, "
           f"{summary.shards_reused} reused); skipped {len(summary.skipped)}", flush=True)
     for skipped in summary.skipped[:20]:
         print(f"  skipped pair {skipped['pair_id']} (row {skipped['row']}): {skipped['reason']}")
     return summary
+
+
+def _announce(source: Any, family: FamilyAdapter, inversion: InversionSpec | None) -> None:
+    if source.num_rows is not None:
+        print(f"smpo cache: {source.description}: disk estimate {_disk_estimate(source.num_rows, family, inversion)}",
+              flush=True)
+    else:
+        print(f"smpo cache: {source.description}: a stream of unknown length; disk estimate "
+              f"{bytes_per_pair(family, inversion) / 2**10:.1f} KiB per pair", flush=True)
 
 
 def _shard_name(k: int) -> str:

@@ -29,9 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,7 +139,7 @@ def label_pairs(
     Runs on every process of an ``accelerate launch``; returns the same summary on each.
     """
     from smpo.io import resolve_device, resolve_dtype
-    from smpo.processes import process_state
+    from smpo.processes import process_state, wait_until
 
     state = process_state()
     out = Path(output)
@@ -170,10 +167,11 @@ def label_pairs(
     # No collective barrier here: processes may finish hours apart (a resumed run), longer than a
     # process group's timeout. The main process waits for the other processes' shards on disk.
     if not state.is_main_process:
-        _wait_until(lambda: (out / LABELS_FILE).exists(), f"{out / LABELS_FILE} (written by the main process)")
+        wait_until(lambda: (out / LABELS_FILE).exists(), f"{out / LABELS_FILE} (written by the main process)",
+                   "smpo label")
         return LabelSummary.from_dict(read_json(out / LABELS_FILE))
     if state.num_processes > 1:
-        _wait_until(lambda: _all_scored(work, shard_size), "the other processes' shards")
+        wait_until(lambda: _all_scored(work, shard_size), "the other processes' shards", "smpo label")
     return finalise(out, score_min=score_min, score_max=score_max)
 
 
@@ -184,16 +182,6 @@ def _all_scored(work: Path, shard_size: int) -> bool:
         return False
     n = math.ceil(read_json(work / "source.json")["num_rows"] / shard_size)
     return all(shard_dir(work, k).is_dir() for k in range(n))
-
-
-def _wait_until(done: Callable[[], bool], what: str, poll_seconds: float = 5.0) -> None:
-    """Poll the file system until ``done()``; the launcher ends every process if one of them fails."""
-    waited = 0.0
-    while not done():
-        if waited and waited % 600 < poll_seconds:
-            print(f"smpo label: still waiting for {what} after {waited / 60:.0f} min", file=sys.stderr)
-        time.sleep(poll_seconds)
-        waited += poll_seconds
 
 
 def labelled_shards(folder: str | Path) -> list[Path]:
