@@ -79,7 +79,8 @@ def _is_sequence(tp: Any) -> bool:
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` to type ``tp`` (bool/int/float/str/Literal/Optional/tuple/list).
 
-    A sequence is given as a list or as comma-separated text (``"0,1,2"``); both may be mixed.
+    A sequence is given as a list or as comma-separated text (``"0,1,2"``, spaces around the
+    commas ignored); both may be mixed.
     """
     optional, inner = is_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
@@ -95,7 +96,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (tuple, list):
         item_tp = (typing.get_args(inner) or (Any,))[0]
         parts = [value] if isinstance(value, str) else list(value)
-        items = [p for part in parts for p in (part.split(",") if isinstance(part, str) else [part])]
+        items = [p.strip() if isinstance(part, str) else p for part in parts
+                 for p in (part.split(",") if isinstance(part, str) else [part])]
         out = [coerce(v, item_tp, where) for v in items if v != ""]
         return tuple(out) if origin is tuple else out
     try:
@@ -120,6 +122,14 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {getattr(inner, '__name__', inner)}") from None
     return value
+
+
+def check_known(option: str, values: Sequence[str], known: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` naming ``option`` and the values of ``values`` not in ``known``
+    (for a sequence option whose items have a fixed set of names)."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{option}: unknown {unknown}; choose from {', '.join(known)}")
 
 
 def option_name(name: str) -> str:

@@ -97,3 +97,11 @@ def test_t_interval_of_seeds_matches_the_textbook_formula():
     assert (low, high) == pytest.approx((0.2 - 12.706 * 0.1, 0.2 + 12.706 * 0.1))
     m, low, high = t_interval([0.5])
     assert m == 0.5 and np.isnan(low) and np.isnan(high)
+
+
+def test_interval_and_win_rate_cells_are_written_one_way():
+    assert stats.format_interval((0.01234, -0.0052, 0.0299), 3, sign=True) == "+0.012 [-0.005, +0.030]"
+    assert stats.format_interval((0.5, 0.41, 0.589), 2) == "0.50 [0.41, 0.59]"
+    assert stats.format_interval((0.25, math.nan, math.nan), 2) == "0.25"  # one seed: no interval
+    assert stats.win_rate_cell(52.25, 48.0, 56.04) == "52.2 [48.0, 56.0]"
+    assert stats.win_rate_cell(math.nan, math.nan, math.nan) == "-"

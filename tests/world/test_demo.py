@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from smpo.cli import main
-from smpo.world.demo import GRID_HEADER, QUICK
+from smpo.world.demo import QUICK
+from smpo.world.demo_report import GRID_HEADER
 from smpo.world.pairset import pair_set_path
 
 

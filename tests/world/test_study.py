@@ -32,9 +32,9 @@ def test_sft_start_trains_sft_first_then_the_rung_from_its_unet(tmp_path, monkey
     from dataclasses import replace
 
     import smpo.train.loop
-    from smpo.world.demo import label
     from smpo.world.model import base_path
     from smpo.world.pairset import pair_set_path
+    from smpo.world.stages import label
     from smpo.world.study import run_job
 
     configs = []
@@ -121,8 +121,8 @@ def test_cached_inversion_rung_trains_from_the_study_cache(tmp_path):
     import pyarrow.parquet as pq
 
     from smpo.data.cache import LatentCache
-    from smpo.world.demo import label
     from smpo.world.pairset import pair_set_path
+    from smpo.world.stages import label
     from smpo.world.study import inversion_cache_dir, run_study
 
     label(pair_set_path(), tmp_path / "labelled")

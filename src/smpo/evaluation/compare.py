@@ -25,47 +25,17 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from smpo.evaluation import report, stats
-from smpo.evaluation.evaluate import RECORD, SCORES, summarize
+from smpo.evaluation.evaluate import summarize
+from smpo.evaluation.evaluated import EvaluatedModel, load_evaluated
 from smpo.evaluation.manifest import KEY_COLUMNS
 from smpo.evaluation.report import format_number, label
-from smpo.io import atomic_path, prepare_output_dir, read_json
-
-_META_COLUMNS = ("file", "prompt_index", "image_index", "seed", "prompt", "category", "challenge")
-
-
-@dataclass
-class EvaluatedModel:
-    """One model's per-image scores, its scorers, and where its images are."""
-
-    name: str
-    table: pd.DataFrame
-    scorers: list[str]
-    images: Path | None
-
-
-def load_evaluated(path: str | os.PathLike, name: str | None = None) -> EvaluatedModel:
-    """A generated folder (with ``evaluation/``), an evaluation folder, or a ``scores.parquet`` file."""
-    path = Path(path)
-    candidates = [path / "evaluation" / SCORES, path / SCORES, path]
-    scores = next((c for c in candidates if c.is_file()), None)
-    if scores is None:
-        raise FileNotFoundError(f"{path}: no {SCORES} (run `smpo evaluate {path}` first)")
-    record = scores.parent / RECORD
-    info = read_json(record) if record.is_file() else {}
-    table = pd.read_parquet(scores)
-    scorers = info.get("scorer_order") or [c for c in table.columns if c not in _META_COLUMNS]
-    source = Path(info["source"]) if "source" in info else None
-    if name is None:
-        folder = scores.parent
-        name = folder.parent.name if folder.name == "evaluation" else folder.name
-    return EvaluatedModel(name=name, table=table, scorers=scorers, images=source)
+from smpo.io import atomic_path, prepare_output_dir
 
 
 def check_same_images(models: Sequence[EvaluatedModel]) -> None:
@@ -170,8 +140,7 @@ def table2_markdown(table: pd.DataFrame, scorers: Sequence[str], judged: str) ->
         cells = [str(row["model"])]
         for s in scorers:
             cells.append(format_number(row[f"{s} median"]))
-            wr = row[f"{s} WR"]
-            cells.append("-" if np.isnan(wr) else f"{wr:.1f} [{row[f'{s} WR low']:.1f}, {row[f'{s} WR high']:.1f}]")
+            cells.append(stats.win_rate_cell(row[f"{s} WR"], row[f"{s} WR low"], row[f"{s} WR high"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -16,16 +16,14 @@ import html
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from smpo.evaluation.evaluated import EvaluatedModel
+from smpo.evaluation.stats import win_rate_cell
 from smpo.io import atomic_path
-
-if TYPE_CHECKING:
-    from smpo.evaluation.compare import EvaluatedModel
 
 SCORER_LABELS = {"pickscore": "PickScore", "hpsv2.1": "HPSv2.1", "imagereward": "ImageReward",
                  "aesthetic": "Aesthetic", "clip": "CLIP"}
@@ -124,8 +122,7 @@ def _table2_html(table: pd.DataFrame, scorers: Sequence[str], judged: str) -> st
     for _, row in table.iterrows():
         cells = [f"<td>{_e(row['model'])}</td>"]
         for s in scorers:
-            wr = row[f"{s} WR"]
-            wr_text = "-" if np.isnan(wr) else f"{wr:.1f} [{row[f'{s} WR low']:.1f}, {row[f'{s} WR high']:.1f}]"
+            wr_text = win_rate_cell(row[f"{s} WR"], row[f"{s} WR low"], row[f"{s} WR high"])
             cells += [f"<td>{format_number(row[f'{s} median'])}</td>", f"<td>{format_number(row[f'{s} mean'])}</td>",
                       f"<td>{wr_text}</td>"]
         body.append("<tr>" + "".join(cells) + "</tr>")

@@ -11,10 +11,14 @@
   prompt come along, so several images per prompt are not counted as independent evidence),
   recompute the statistic, and take the ``(1 - c) / 2`` and ``(1 + c) / 2`` quantiles of the
   ``num_resamples`` recomputed values (linear interpolation between order statistics).
+
+Every table that shows an estimate with its interval (``smpo compare``'s Table 2, the demo's and
+the study's reports) writes its cells with :func:`format_interval` / :func:`win_rate_cell`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -61,6 +65,25 @@ def t_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float, floa
     df = values.size - 1
     half = (_T975[df - 1] if df <= len(_T975) else 1.96) * float(values.std(ddof=1)) / np.sqrt(values.size)
     return m, m - half, m + half
+
+
+def format_interval(interval: Sequence[float], digits: int, *, sign: bool = False) -> str:
+    """``estimate [low, high]`` of an ``(estimate, low, high)`` triple at ``digits`` decimals
+    (``sign``: a ``+`` before positive numbers); the estimate alone when the interval is NaN
+    (:func:`t_interval` of one replicate)."""
+    estimate, low, high = interval
+    number = f"{{:{'+' if sign else ''}.{digits}f}}"
+    if math.isnan(low):
+        return number.format(estimate)
+    return f"{number.format(estimate)} [{number.format(low)}, {number.format(high)}]"
+
+
+def win_rate_cell(percent: float, low: float, high: float) -> str:
+    """A win rate and its interval, in percent, as a table cell: ``52.3 [48.1, 56.0]``; ``-`` where
+    there is no win rate (NaN: a model against itself)."""
+    if math.isnan(percent):
+        return "-"
+    return format_interval((percent, low, high), 1)
 
 
 def bootstrap_interval(values: Sequence[float] | np.ndarray, statistic: str | Statistic = "median", *,

@@ -1,0 +1,128 @@
+"""The study's analysis: the tuning's choice of learning rates, the report's rows (mean over seeds
+with a 95% t-interval) and their markdown tables.
+
+Nothing here runs a job: every function reads the jobs' results (``results/<job>.json``, by job
+name) and returns numbers or text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from smpo.evaluation.stats import format_interval, t_interval, win_rate
+from smpo.world.study.rungs import RUNG_BY_KEY, Job, StudyConfig, split_prompts
+
+
+def lift_and_win(scores: list[float], base_scores: list[float]) -> tuple[float, float]:
+    """Median reward minus the base's, and the paired win rate against the base (ties one half)."""
+    return float(np.median(scores) - np.median(base_scores)), win_rate(scores, base_scores)
+
+
+def choose_learning_rates(cfg: StudyConfig, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per rung: the validation lift of every grid rate (mean over tuning seeds) and the chosen one
+    (the highest mean lift; the smaller rate on an exact tie)."""
+    chosen = {}
+    for rung in cfg.rungs:
+        table = {}
+        for lr in cfg.lr_grid:
+            lifts = []
+            for seed in cfg.tune_seeds:
+                run = results[Job(rung, lr, seed, "validation").name]
+                base = results[Job("base", 0.0, seed, "validation").name]
+                final = run["scores"][max(run["scores"], key=int)]
+                lifts.append(lift_and_win(final, base["scores"]["0"])[0])
+            table[f"{lr:g}"] = {"lifts": lifts, "mean": float(np.mean(lifts))}
+        best = max(cfg.lr_grid, key=lambda lr: (table[f"{lr:g}"]["mean"], -lr))
+        chosen[rung] = {"learning_rate": best, "validation": table}
+    return chosen
+
+
+def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict[str, dict[str, Any]]
+              ) -> list[dict[str, Any]]:
+    """One row per (rung, setting): lift and win rate per seed, mean and 95% t-interval, the curve."""
+    rows = []
+    for rung in cfg.rungs:
+        settings = [("paper", cfg.paper_lr), ("tuned", chosen[rung]["learning_rate"])]
+        for setting, lr in settings:
+            lifts, wins, curves, evals, seconds, seeds = [], [], [], [], [], []
+            for seed in cfg.seeds:
+                run = results.get(Job(rung, lr, seed, "held_out").name)
+                base_run = results.get(Job("base", 0.0, seed, "held_out").name)
+                if run is None or base_run is None:  # not finished (a study reported early)
+                    continue
+                seeds.append(seed)
+                base = base_run["scores"]["0"]
+                final = run["scores"][max(run["scores"], key=int)]
+                lift, win = lift_and_win(final, base)
+                lifts.append(lift)
+                wins.append(win)
+                curves.append({int(s): lift_and_win(v, base)[0] for s, v in run["scores"].items()})
+                evals.append(float(np.mean(run["unet_evals"])))
+                seconds.append(float(np.median(run["step_seconds"])))
+            if not seeds:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            rows.append({
+                "rung": rung, "label": RUNG_BY_KEY[rung].label, "setting": setting, "learning_rate": lr,
+                "seeds": seeds, "lift": lifts, "win_rate": wins,
+                "lift_mean_ci": t_interval(lifts), "win_rate_mean_ci": t_interval(wins),
+                "curve": {s: t_interval([c[s] for c in curves]) for s in steps},
+                "unet_evals_per_step": float(np.mean(evals)), "seconds_per_step": float(np.median(seconds)),
+            })
+    return rows
+
+
+def table_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
+    """The report's table: one row per rung and setting (one row where the tuned rate is the paper's)."""
+    lines = ["| rung | setting | learning rate | seeds | held-out median lift over base | win rate vs base | "
+             "UNet evals / step | s / step (1 thread) |",
+             "|---|---|---|---|---|---|---|---|"]
+    tuned_rates = {r["rung"]: r["learning_rate"] for r in rows if r["setting"] == "tuned"}
+    for r in rows:
+        setting = r["setting"]
+        if tuned_rates.get(r["rung"]) == r["learning_rate"]:  # the same runs: one row
+            if setting == "paper":
+                continue
+            setting = "tuned = paper" if r["learning_rate"] == cfg.paper_lr else setting
+        lines.append(f"| {r['label']} | {setting} | {r['learning_rate']:g} | {len(r['seeds'])} | "
+                     f"{format_interval(r['lift_mean_ci'], 3, sign=True)} | "
+                     f"{format_interval(r['win_rate_mean_ci'], 2)} | {r['unet_evals_per_step']:.0f} | "
+                     f"{r['seconds_per_step']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def tuning_markdown(cfg: StudyConfig, chosen: dict[str, dict[str, Any]]) -> str:
+    """The tuning's table: the validation lift of every grid rate per rung, and the chosen rate."""
+    head = "| rung | " + " | ".join(f"lr {lr:g}" for lr in cfg.lr_grid) + " | chosen |"
+    lines = [head, "|---|" + "---|" * (len(cfg.lr_grid) + 1)]
+    for rung, c in chosen.items():
+        cells = [f"{c['validation'][f'{lr:g}']['mean']:+.4f}" for lr in cfg.lr_grid]
+        lines.append(f"| {RUNG_BY_KEY[rung].label} | " + " | ".join(cells) + f" | {c['learning_rate']:g} |")
+    return "\n".join(lines) + "\n"
+
+
+
+def report_markdown(cfg: StudyConfig, data: dict[str, Any], table: str) -> str:
+    """``report.md``: the protocol's settings, the report table and the tuning table."""
+    held_out = len(split_prompts(cfg, "held_out"))
+    validation = len(split_prompts(cfg, "validation"))
+    return "\n".join([
+        "# smpo study: the ablation ladder in the miniature world",
+        "",
+        f"Budget (every rung): {cfg.train_steps} steps of {cfg.batch_size} pairs, full fine-tuning, from the "
+        f"shipped base, on the labelled pair set `{data['dataset']}`. Learning rates tuned on the grid "
+        f"{', '.join(f'{lr:g}' for lr in cfg.lr_grid)} by the validation median lift ({validation} prompts x "
+        f"{cfg.validation_images_per_prompt} images, seeds {', '.join(map(str, cfg.tune_seeds))}); 'paper' rows "
+        f"use learning rate {cfg.paper_lr:g}. Reported on {held_out} held-out prompts x {cfg.images_per_prompt} "
+        f"images, seeds {', '.join(map(str, cfg.seeds))} (mean over seeds [95% t-interval]); sampling "
+        f"{cfg.sample_steps} DDIM steps, CFG {cfg.guidance_scale:g}.",
+        "",
+        table,
+        "Validation lift per learning rate (mean over tuning seeds):",
+        "",
+        tuning_markdown(cfg, data["chosen"]),
+        "Files: `study.json` (every value), `table.md`, `study.png`, `results/` (one file per run).",
+        "",
+    ])
