@@ -15,6 +15,10 @@ Output folder (default ``FOLDER/evaluation``):
 
 Resuming: scores are written in small pieces (``parts/SCORER/part-NNNNN.parquet``, atomically); a
 rerun scores only the images that no piece holds yet.
+
+Several processes (``accelerate launch`` / ``torchrun``): every process lists the same missing
+images and cuts them into the same pieces; process ``i`` of ``n`` scores pieces ``i, i + n, ...``,
+and the tables are made from the pieces once all are on disk (the bytes of a one-process run).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import argparse
 import gc
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -57,7 +61,13 @@ def evaluate_folder(folder: str | os.PathLike, scorers: Sequence[str] = PAPER_SC
     if unknown:
         raise ValueError(f"scorer path given for {unknown}, which {'is' if len(unknown) == 1 else 'are'} not run; "
                          f"scorers: {', '.join(scorers)}")
-    out = prepare_output_dir(Path(out) if out is not None else folder / "evaluation", overwrite=overwrite)
+    from smpo.processes import process_state
+
+    state = process_state()
+    out = Path(out) if out is not None else folder / "evaluation"
+    if state.is_main_process:
+        prepare_output_dir(out, overwrite=overwrite)
+    state.wait_for_everyone()
     records = read_manifest(folder)
     if not records:
         raise ValueError(f"{folder}/manifest.jsonl lists no images")
@@ -66,12 +76,16 @@ def evaluate_folder(folder: str | os.PathLike, scorers: Sequence[str] = PAPER_SC
     for name in scorers:
         info["scorers"][name]["scale"] = _score_missing(
             name, table, folder, out, loaded=(loaded or {}).get(name), path=scorer_paths.get(name),
-            batch_size=batch_size, chunk_size=chunk_size, device=device, dtype=dtype, progress=progress,
+            batch_size=batch_size, chunk_size=chunk_size, device=device, dtype=dtype,
+            progress=progress and state.is_local_main_process, rank=state.process_index, world=state.num_processes,
+            wait=state.wait_for_everyone,
         ) or info["scorers"][name].get("scale", "")
-        write_json(out / RECORD, info)
+        if state.is_main_process:
+            write_json(out / RECORD, info)
         table[name] = _read_scores(out, name, table)
     summary = summarize(table, scorers, num_resamples=num_resamples, confidence=confidence, seed=seed)
-    _write_outputs(out, table, summary)
+    if state.is_main_process:
+        _write_outputs(out, table, summary)
     return table, summary
 
 
@@ -137,32 +151,44 @@ def _done_keys(out: Path, name: str) -> set[tuple[int, int]]:
 
 
 def _score_missing(name: str, table: pd.DataFrame, folder: Path, out: Path, *, loaded, path, batch_size: int,
-                   chunk_size: int, device, dtype, progress: bool) -> str | None:
-    """Score the images of ``table`` that no piece of ``name`` holds; returns the scorer's scale note."""
+                   chunk_size: int, device, dtype, progress: bool, rank: int = 0, world: int = 1,
+                   wait: Callable[[], None] = lambda: None) -> str | None:
+    """Score the images of ``table`` that no piece of ``name`` holds; returns the scorer's scale note.
+
+    Process ``rank`` of ``world`` scores pieces ``rank, rank + world, ...`` of the missing images;
+    ``wait`` (a barrier) makes every process list the missing images before any writes a piece.
+    """
+    from smpo.processes import wait_until
+
     done = _done_keys(out, name)
+    # new pieces are numbered after the highest existing one, so they never replace a finished piece
+    first = max((int(p.stem.split("-")[1]) for p in _parts(out, name)), default=-1) + 1
+    wait()
     todo = table[[k not in done for k in zip(table["prompt_index"], table["image_index"])]]
     if todo.empty:
         return None
+    starts = list(range(0, len(todo), chunk_size))
+    piece = lambda k: out / "parts" / _safe(name) / f"part-{first + k:05d}.parquet"  # noqa: E731
+    mine = [k for k in range(len(starts)) if k % world == rank]
     scorer = loaded
-    if scorer is None:
+    if scorer is None and mine:
         from smpo.rewards import load_scorer
 
         scorer = load_scorer(name, path=path, device=device, dtype=dtype, batch_size=batch_size)
-    # new pieces are numbered after the highest existing one, so they never replace a finished piece
-    first = max((int(p.stem.split("-")[1]) for p in _parts(out, name)), default=-1) + 1
-    for k, start in enumerate(tqdm(range(0, len(todo), chunk_size), desc=f"score {name}", unit="chunk",
-                                   disable=not progress)):
-        chunk = todo.iloc[start : start + chunk_size]
+    for k in tqdm(mine, desc=f"score {name}", unit="chunk", disable=not progress):
+        chunk = todo.iloc[starts[k] : starts[k] + chunk_size]
         images = [_open(folder / f) for f in chunk["file"]]
         scores = scorer(images, chunk["prompt"].tolist())
-        piece = chunk[list(KEY_COLUMNS)].assign(score=[float(s) for s in scores])
-        with atomic_path(out / "parts" / _safe(name) / f"part-{first + k:05d}.parquet") as tmp:
-            piece.to_parquet(tmp, index=False)
+        with atomic_path(piece(k)) as tmp:
+            chunk[list(KEY_COLUMNS)].assign(score=[float(s) for s in scores]).to_parquet(tmp, index=False)
     scale = getattr(scorer, "scale", "") or ""
-    if loaded is None:
+    if loaded is None and scorer is not None:
         del scorer
         gc.collect()
         _empty_cuda_cache()
+    if world > 1:  # the others' pieces: met on disk, not at a barrier (processes may run hours apart)
+        wait_until(lambda: all(piece(k).exists() for k in range(len(starts))), f"the {name} scores of the other "
+                   "processes", "smpo evaluate")
     return scale
 
 
