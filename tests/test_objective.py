@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smpo.batch import ImageBatch, PairBatch
 from smpo.inversion import implied_noise, renoise_invert
 from smpo.losses import LOG2
 from smpo.models import Conditioning, SD15Adapter
-from smpo.objective import ImageBatch, ObjectiveConfig, PairBatch, compute_loss, draw_t_and_noise
+from smpo.objective import ObjectiveConfig, compute_loss, draw_t_and_noise
 
 T = 1000
 

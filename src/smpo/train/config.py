@@ -35,7 +35,9 @@ from typing import Any, Literal
 
 import yaml
 
-from smpo.objective import METHODS, NOISINGS, TIMESTEP_SAMPLINGS, ObjectiveConfig
+from smpo.labels import LABELS
+from smpo.methods import METHODS
+from smpo.objective import NOISINGS, TIMESTEP_SAMPLINGS, ObjectiveConfig
 
 
 class ConfigError(ValueError):
@@ -159,7 +161,7 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS, "noising": NOISINGS, "labels": ("binary", "smoothed"),
+    "method": tuple(METHODS), "noising": NOISINGS, "labels": LABELS,
     "inverting_network": ("policy", "reference"), "timestep_sampling": TIMESTEP_SAMPLINGS,
 }
 """Allowed values of string fields not typed as a ``Literal`` (checked on the command line and in YAML)."""
