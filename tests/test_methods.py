@@ -44,7 +44,7 @@ def test_defaults_as_the_algorithm_states_them_and_as_the_config_resolves_them(n
 
 
 def test_what_each_method_consumes_and_needs():
-    kinds = {name: m.batch for name, m in METHODS.items()}
+    kinds = {name: m.batch_kind for name, m in METHODS.items()}
     assert kinds == {"smpo": BatchKind.PAIRWISE, "dpo": BatchKind.PAIRWISE, "kto": BatchKind.UNPAIRED,
                      "mapo": BatchKind.PAIRWISE, "sft": BatchKind.WINNER_ONLY}
     assert [n for n, m in METHODS.items() if m.needs_reference] == ["smpo", "dpo", "kto"]  # MaPO is reference-free

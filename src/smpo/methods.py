@@ -83,7 +83,8 @@ class Method:
     """The pure loss over per-sample errors (`smpo.losses`)."""
     apply: Callable[[Loss, LossInputs], LossOutput]
     """Calls ``loss`` (its first argument) with the arguments it takes from the objective's `LossInputs`."""
-    batch: BatchKind
+    batch_kind: BatchKind
+    """What it trains on, and so what the objective noises."""
     needs_reference: bool
     """Whether the loss reads a frozen reference network's errors (an inversion may need one anyway)."""
     default_beta: float

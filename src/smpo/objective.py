@@ -268,12 +268,12 @@ def compute_loss(family: FamilyAdapter, policy: Any, reference: Any | None, batc
         # LoRA: the no-grad inversion calls run with the adapters folded into the weights
         # (each call then costs what the base network costs; equal up to rounding).
         inverter = inference_view(policy)
-    if method.batch is BatchKind.UNPAIRED:
+    if method.batch_kind is BatchKind.UNPAIRED:
         images = batch if isinstance(batch, ImageBatch) else batch.to_images()
         return _unpaired(method, family, policy, reference, inverter, images, cfg, mean_over_processes)
     if not isinstance(batch, PairBatch):
         raise TypeError(f"method {cfg.method} needs a PairBatch, got {type(batch).__name__}")
-    if method.batch is BatchKind.WINNER_ONLY:
+    if method.batch_kind is BatchKind.WINNER_ONLY:
         return _winner_only(method, family, policy, inverter, batch, cfg)
     return _pairwise(method, family, policy, reference, inverter, batch, cfg)
 

@@ -315,7 +315,7 @@ def open_pairs(config: Any, family: Any) -> Any:
     """The pair source of a run: a ``smpo cache`` folder when ``data.cache`` is set, else the dataset;
     for an unpaired method (KTO), the images drawn from it (`KTOImages`)."""
     source = _pair_source(config, family)
-    if get_method(config.objective.method).batch is BatchKind.UNPAIRED:
+    if get_method(config.objective.method).batch_kind is BatchKind.UNPAIRED:
         return KTOImages(source, seed=config.run.seed, desirable_share=config.data.kto_desirable_share,
                          source=config.data.cache or config.data.dataset)
     return source
