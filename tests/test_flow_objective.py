@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smpo.batch import PairBatch
 from smpo.inversion import flow_grid, flow_renoise_invert
 from smpo.models import load_family
 from smpo.models.presets import save_pipeline
-from smpo.objective import ObjectiveConfig, PairBatch, compute_loss, draw_t_and_noise
+from smpo.objective import ObjectiveConfig, compute_loss, draw_t_and_noise
 
 
 @pytest.fixture(scope="module")

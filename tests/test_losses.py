@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from smpo.losses import LOSSES, dpo_loss, kto_loss, mapo_loss, per_sample_mse, sft_loss, smpo_loss
+from smpo.losses import dpo_loss, kto_loss, mapo_loss, per_sample_mse, sft_loss, smpo_loss
+from smpo.methods import LOSSES
 
 
 def logsig(x: float) -> float:

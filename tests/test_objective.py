@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smpo.batch import ImageBatch, PairBatch
 from smpo.inversion import implied_noise, renoise_invert
-from smpo.losses import LOG2
+from smpo.losses import LOG2, LossOutput
 from smpo.models import Conditioning, SD15Adapter
-from smpo.objective import ImageBatch, ObjectiveConfig, PairBatch, compute_loss, draw_t_and_noise
+from smpo.objective import ObjectiveConfig, compute_loss, draw_t_and_noise
 
 T = 1000
 
@@ -337,3 +338,24 @@ def test_stored_reference_inversion_gives_the_live_losses(land_on_t, method):
     torch.testing.assert_close(mixed, live, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="inverting_network=reference"):
         compute_loss(family, StandIn(0.3), reference, batch, replace(cfg, inverting_network="policy"))
+
+
+@pytest.mark.parametrize(("method", "policy_rows", "reference_rows"), [
+    ("smpo", 4, 4), ("dpo", 4, 4), ("mapo", 4, 0), ("sft", 2, 0), ("kto", 4, 4)])
+def test_compute_loss_dispatches_through_the_method_table(monkeypatch, method, policy_rows, reference_rows):
+    from smpo.methods import METHODS
+
+    seen = []
+
+    def spy(*errors, **settings):
+        seen.append((errors, settings))
+        return LossOutput(loss=errors[0].mean(), losses=errors[0])
+
+    monkeypatch.setitem(METHODS, method, replace(METHODS[method], loss=spy))
+    family, policy, reference = _family(), StandIn(0.3), StandIn(0.2)
+    out = compute_loss(family, policy, reference, _batch(), ObjectiveConfig(method=method, noising="forward", beta=9.0))
+    [(errors, settings)] = seen
+    assert settings.get("beta", 9.0) == 9.0 and out.metrics["t_mean"] > 0
+    # the record's batch kind decides what the networks see: 2B images for pairs and unpaired, B winners for SFT
+    assert sum(x.shape[0] for x, _, _ in policy.calls) == policy_rows
+    assert sum(x.shape[0] for x, _, _ in reference.calls) == reference_rows

@@ -4,7 +4,7 @@ No function here sees a network. Each takes per-sample error tensors of shape ``
 squared error of one sample's prediction over all its latent elements, see `per_sample_mse`) and
 returns a `LossOutput`: the batch mean ``loss``, the per-sample ``losses`` and detached
 ``metrics`` named as the field names them (Diffusion-DPO's implicit accuracy, TRL's reward
-margin...). ``LOSSES`` maps a method name to its function.
+margin...). The method table (`smpo.methods`) names each method's function.
 
 Notation: ``model_*`` are the policy's errors ``m = ||eps - eps_theta(x_t, t, c)||^2``, ``ref_*``
 the frozen reference's ``r``; ``_w`` is the preferred (winner) image, ``_l`` the other one.
@@ -13,7 +13,6 @@ the frozen reference's ``r``; ``_w`` is the preferred (winner) image, ``_l`` the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -176,13 +175,5 @@ def kto_loss(model: Tensor, ref: Tensor, *, desirable: Tensor, beta: float = 100
     return LossOutput(loss=losses.mean(), losses=losses, metrics=metrics)
 
 
-LOSSES: dict[str, Callable[..., LossOutput]] = {
-    "sft": sft_loss,
-    "dpo": dpo_loss,
-    "smpo": smpo_loss,
-    "mapo": mapo_loss,
-    "kto": kto_loss,
-}
-"""Method name -> loss function."""
-
 LOG2 = math.log(2.0)
+"""SmPO's loss of a pair whose labels are even (``p_win = 0.5``, so ``lambda = 0``)."""

@@ -2,8 +2,10 @@
 
 Data flows one way (STYLE.md): a batch of latents and conditioning -> noising (forward, ALGORITHM.md
 section 1, or (Re)Noise inversion, section 3) -> per-sample errors ``m`` (policy) and ``r``
-(reference) -> a pure loss from ``smpo.losses`` (sections 1, 2, 4). The ablation rungs of
-section 5 are plain settings of :class:`ObjectiveConfig` (``noising`` x ``labels``).
+(reference) -> the method's loss (its record in ``smpo.methods``, a pure function of ``smpo.losses``;
+sections 1, 2, 4). The record's batch kind says what is noised: winner and loser, the winner only,
+or single images. The ablation rungs of section 5 are plain settings of :class:`ObjectiveConfig`
+(``noising`` x ``labels``).
 
 Randomness is per pair: pair ``i``'s timestep ``t ~ U{0..T-1}`` and noise ``eps ~ N(0, I)`` are
 drawn from a ``torch.Generator`` seeded with ``batch.seeds[i]`` (the training loop derives it from
@@ -17,28 +19,23 @@ inverts both images together. ``family.unet_evals`` counts the UNet sample-evalu
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from smpo.batch import ImageBatch, NoisedBatch, PairBatch, derive_seed
 from smpo.inversion import finish_from_levels, implied_noise
-from smpo.losses import LOSSES, LossOutput, per_sample_mse
-from smpo.models.family import Conditioning, FamilyAdapter
+from smpo.labels import LABELS
+from smpo.losses import LossOutput, per_sample_mse
+from smpo.methods import METHODS, BatchKind, LossInputs, Method, get_method
+from smpo.models import Conditioning, FamilyAdapter
 from smpo.models.lora import inference_view
 
-Method = Literal["smpo", "dpo", "kto", "mapo", "sft"]
-Noising = Literal["forward", "ddim-inversion", "renoise"]
-Labels = Literal["binary", "smoothed"]
-
-METHODS: tuple[str, ...] = ("smpo", "dpo", "kto", "mapo", "sft")
 NOISINGS: tuple[str, ...] = ("forward", "ddim-inversion", "renoise")
 TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "logit_normal", "mode")
-DEFAULT_BETA: dict[str, float] = {"smpo": 2000.0, "dpo": 5000.0, "kto": 1000.0, "mapo": 0.1, "sft": 0.0}
-"""ALGORITHM.md sections 2 and 4 (SmPO: 2000 for SD1.5, 5000 for SDXL; recipes set it per family)."""
 
 
 @dataclass
@@ -86,21 +83,20 @@ class ObjectiveConfig:
 
     def resolved(self) -> ObjectiveConfig:
         """A copy with the method defaults filled in, validated."""
-        if self.method not in METHODS:
-            raise ValueError(f"objective.method {self.method!r}: choose from {', '.join(METHODS)}")
-        smpo = self.method == "smpo"
+        method = get_method(self.method)
         cfg = replace(
             self,
-            beta=DEFAULT_BETA[self.method] if self.beta is None else float(self.beta),
-            noising=self.noising or ("renoise" if smpo else "forward"),
-            labels=self.labels or ("smoothed" if smpo else "binary"),
+            beta=method.default_beta if self.beta is None else float(self.beta),
+            noising=self.noising or method.default_noising,
+            labels=self.labels or method.default_labels,
         )
         if cfg.noising not in NOISINGS:
             raise ValueError(f"objective.noising {cfg.noising!r}: choose from {', '.join(NOISINGS)}")
-        if cfg.labels not in ("binary", "smoothed"):
-            raise ValueError(f"objective.labels {cfg.labels!r}: choose from binary, smoothed")
-        if cfg.labels == "smoothed" and not smpo:
-            raise ValueError(f"objective.labels=smoothed needs method smpo (got {cfg.method})")
+        if cfg.labels not in LABELS:
+            raise ValueError(f"objective.labels {cfg.labels!r}: choose from {', '.join(LABELS)}")
+        if cfg.labels == "smoothed" and not method.smoothed_labels:
+            allowed = " or ".join(m.name for m in METHODS.values() if m.smoothed_labels)
+            raise ValueError(f"objective.labels=smoothed needs method {allowed} (got {cfg.method})")
         if cfg.inverting_network not in ("policy", "reference"):
             raise ValueError(f"objective.inverting_network {cfg.inverting_network!r}: choose from policy, reference")
         if cfg.inversion_noise < 0:
@@ -124,102 +120,11 @@ class ObjectiveConfig:
         """Whether ``compute_loss`` needs a reference network (loss or inversion)."""
         cfg = self.resolved()
         inverts_with_ref = cfg.noising != "forward" and cfg.inverting_network == "reference"
-        return cfg.method in ("smpo", "dpo", "kto") or inverts_with_ref
-
-
-@dataclass
-class PairBatch:
-    """``B`` preference pairs, winner first.
-
-    ``cond``: the prompts' conditioning (for SDXL with the winners' size/crop ``time_ids``);
-    ``cond_l``: the losers' when it differs (SDXL: their own ``time_ids``), else ``None``.
-    ``p_win``: ``[B]`` smoothed probability that the winner is preferred (Eq. 11).
-    ``seeds``: one per pair; the loop derives each from (run seed, pair id, epoch).
-    ``uncond``: the empty prompt's conditioning, a batch of 1 (needed for inversion guidance != 1).
-    ``inverted_w`` / ``inverted_l``: the reference's inversion of each image at the grid levels,
-    ``[B, L, ...]``, when read from a cache made with ``smpo cache --store-inversion`` (NaN rows:
-    none stored for that image as batched, e.g. flipped or with its prompt dropped; inverted live).
-    """
-
-    latents_w: Tensor
-    latents_l: Tensor
-    cond: Conditioning
-    p_win: Tensor
-    seeds: list[int]
-    uncond: Conditioning | None = None
-    cond_l: Conditioning | None = None
-    inverted_w: Tensor | None = None
-    inverted_l: Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.latents_w.shape[0]
-
-    def to(self, device: torch.device | str) -> PairBatch:
-        """This batch with every tensor on ``device`` (dtypes kept)."""
-        return PairBatch(latents_w=self.latents_w.to(device), latents_l=self.latents_l.to(device),
-                         cond=self.cond.to(device), p_win=self.p_win.to(device), seeds=list(self.seeds),
-                         uncond=None if self.uncond is None else self.uncond.to(device),
-                         cond_l=None if self.cond_l is None else self.cond_l.to(device),
-                         inverted_w=None if self.inverted_w is None else self.inverted_w.to(device),
-                         inverted_l=None if self.inverted_l is None else self.inverted_l.to(device))
-
-    @property
-    def inverted(self) -> Tensor | None:
-        """The stored inversions of the ``2B`` images, winners first (``None`` without a cache of them)."""
-        if self.inverted_w is None or self.inverted_l is None:
-            return None
-        return torch.cat([self.inverted_w, self.inverted_l])
-
-    def to_images(self) -> ImageBatch:
-        """The ``2B`` images as an unpaired batch: winners desirable, losers undesirable (for KTO).
-
-        Each image gets its own seed derived from its pair's (independent t and eps per image).
-        """
-        seeds = [derive_seed(s, 0) for s in self.seeds] + [derive_seed(s, 1) for s in self.seeds]
-        desirable = torch.cat([torch.ones(len(self), dtype=torch.bool), torch.zeros(len(self), dtype=torch.bool)])
-        return ImageBatch(latents=torch.cat([self.latents_w, self.latents_l]),
-                          cond=Conditioning.cat([self.cond, self.cond_l if self.cond_l is not None else self.cond]),
-                          desirable=desirable.to(self.latents_w.device), seeds=seeds, uncond=self.uncond,
-                          inverted=self.inverted)
-
-
-@dataclass
-class ImageBatch:
-    """``B`` single images for unpaired methods (Diffusion-KTO): ``desirable[i]`` is y in ALGORITHM.md section 4."""
-
-    latents: Tensor
-    cond: Conditioning
-    desirable: Tensor
-    seeds: list[int]
-    uncond: Conditioning | None = None
-    inverted: Tensor | None = None  # stored inversions at the grid levels, [B, L, ...] (see PairBatch)
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-
-@dataclass
-class NoisedBatch:
-    """The noised latents and the target noise of a batch (exposed for tests and diagnostics)."""
-
-    x_t: Tensor
-    t: Tensor
-    eps: Tensor
-    extra: dict[str, Any] = field(default_factory=dict)
+        return get_method(cfg.method).needs_reference or inverts_with_ref
 
 
 # --------------------------------------------------------------------------------------------
 # Per-pair randomness
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any hashable parts (e.g. ``(seed, pair_id, epoch, "noise")`` or ``(seed, k)``).
-
-    Uses a cryptographic hash of the parts' text, so it is the same on every process, platform
-    and Python run (``hash()`` of a string is salted per process).
-    """
-    text = "\x1f".join(repr(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
 def draw_t_and_noise(seeds: Sequence[int], shape: Sequence[int], num_timesteps: int,
@@ -347,14 +252,15 @@ def compute_loss(family: FamilyAdapter, policy: Any, reference: Any | None, batc
                  cfg: ObjectiveConfig, *, mean_over_processes: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
     """The loss of ``cfg.method`` on ``batch`` (differentiable w.r.t. ``policy``'s trainable weights).
 
-    ``policy``: the UNet being trained. ``reference``: a frozen UNet, the LoRA adapters-off view
-    (``smpo.models.reference_view``) or ``None`` for reference-free methods (mapo, sft).
-    KTO accepts an :class:`ImageBatch` or a :class:`PairBatch` (split into its images); its
-    reference point is the mean implicit reward of this batch, or, given ``mean_over_processes``
-    (the training loop passes accelerate's mean-reduce), of this pass's batches on all processes
-    (as the authors compute it).
+    ``policy``: the network being trained. ``reference``: a frozen network, the LoRA adapters-off
+    view (``smpo.models.reference_view``) or ``None`` for reference-free methods (mapo, sft).
+    An unpaired method (KTO) accepts an :class:`ImageBatch` or a :class:`PairBatch` (split into its
+    images); its reference point is the mean implicit reward of this batch, or, given
+    ``mean_over_processes`` (the training loop passes accelerate's mean-reduce), of this pass's
+    batches on all processes (as the authors compute it).
     """
     cfg = cfg.resolved()
+    method = get_method(cfg.method)
     if cfg.needs_reference and reference is None:
         raise ValueError(f"method {cfg.method} (inverting with {cfg.inverting_network}) needs a reference network")
     inverter = policy if cfg.inverting_network == "policy" else reference
@@ -362,19 +268,39 @@ def compute_loss(family: FamilyAdapter, policy: Any, reference: Any | None, batc
         # LoRA: the no-grad inversion calls run with the adapters folded into the weights
         # (each call then costs what the base network costs; equal up to rounding).
         inverter = inference_view(policy)
-    if cfg.method == "kto":
+    if method.batch_kind is BatchKind.UNPAIRED:
         images = batch if isinstance(batch, ImageBatch) else batch.to_images()
-        return _kto(family, policy, reference, inverter, images, cfg, mean_over_processes)
+        return _unpaired(method, family, policy, reference, inverter, images, cfg, mean_over_processes)
     if not isinstance(batch, PairBatch):
         raise TypeError(f"method {cfg.method} needs a PairBatch, got {type(batch).__name__}")
-    if cfg.method == "sft":
-        return _sft(family, policy, inverter, batch, cfg)
-    return _pairwise(family, policy, reference, inverter, batch, cfg)
+    if method.batch_kind is BatchKind.WINNER_ONLY:
+        return _winner_only(method, family, policy, inverter, batch, cfg)
+    return _pairwise(method, family, policy, reference, inverter, batch, cfg)
 
 
-def _pairwise(family: FamilyAdapter, policy: Any, reference: Any | None, inverter: Any, batch: PairBatch,
-              cfg: ObjectiveConfig) -> LossOutput:
-    """smpo, dpo, mapo: winner and loser share t (and eps when forward-noised), one call per network."""
+def _loss_inputs(cfg: ObjectiveConfig, family: FamilyAdapter, model: Tensor, ref: Tensor | None, *,
+                 p_win: Tensor | None = None, desirable: Tensor | None = None,
+                 reference_point: Tensor | None = None) -> LossInputs:
+    """The measured errors and the resolved config's loss settings, as every method's loss reads them."""
+    if cfg.beta is None:
+        raise ValueError("objective.beta is unresolved: call ObjectiveConfig.resolved() first")
+    return LossInputs(model=model, ref=ref, beta=cfg.beta, gamma=cfg.gamma, smoothed=cfg.labels == "smoothed",
+                      mapo_snr=cfg.mapo_snr, num_timesteps=family.num_timesteps, p_win=p_win, desirable=desirable,
+                      reference_point=reference_point)
+
+
+def _reference_errors(method: Method, family: FamilyAdapter, reference: Any, noised: NoisedBatch, x0: Tensor,
+                      cond: Conditioning) -> Tensor | None:
+    """The reference's per-sample errors under no_grad, when the method's loss reads them."""
+    if not method.needs_reference:
+        return None
+    with torch.no_grad():
+        return errors(family, reference, noised, x0, cond)
+
+
+def _pairwise(method: Method, family: FamilyAdapter, policy: Any, reference: Any | None, inverter: Any,
+              batch: PairBatch, cfg: ObjectiveConfig) -> LossOutput:
+    """Winner and loser share t (and eps when forward-noised), one call of ``2B`` samples per network."""
     device = batch.latents_w.device
     t, eps = _draw(batch.seeds, batch.latents_w.shape[1:], family, cfg, device)
     x0 = torch.cat([batch.latents_w, batch.latents_l]).float()
@@ -382,45 +308,37 @@ def _pairwise(family: FamilyAdapter, policy: Any, reference: Any | None, inverte
     image_seeds = [derive_seed(s, 0) for s in batch.seeds] + [derive_seed(s, 1) for s in batch.seeds]
     noised = noise_latents(family, inverter, x0, torch.cat([t, t]), torch.cat([eps, eps]), cond, cfg, batch.uncond,
                            image_seeds, batch.inverted)
-    model_w, model_l = errors(family, policy, noised, x0, cond).chunk(2)
-    if cfg.method == "mapo":
-        out = LOSSES["mapo"](model_w, model_l, beta=cfg.beta, snr=cfg.mapo_snr, num_timesteps=family.num_timesteps)
-    else:
-        with torch.no_grad():
-            ref_w, ref_l = errors(family, reference, noised, x0, cond).chunk(2)
-        if cfg.labels == "binary":
-            # Binary labels (p_w = 1, lambda = 1): Diffusion-DPO, also for the smpo rungs
-            # "+ inversion" and "+ renoise" of the ablation ladder (ALGORITHM.md section 5).
-            out = LOSSES["dpo"](model_w, model_l, ref_w, ref_l, beta=cfg.beta)
-        else:
-            out = LOSSES["smpo"](model_w, model_l, ref_w, ref_l, p_win=batch.p_win.to(device).float(),
-                                 beta=cfg.beta, gamma=cfg.gamma)
+    model = errors(family, policy, noised, x0, cond)
+    ref = _reference_errors(method, family, reference, noised, x0, cond)
+    out = method.compute(_loss_inputs(cfg, family, model, ref, p_win=batch.p_win.to(device).float()))
     out.metrics["t_mean"] = t.float().mean()
     return out
 
 
-def _sft(family: FamilyAdapter, policy: Any, inverter: Any, batch: PairBatch, cfg: ObjectiveConfig) -> LossOutput:
-    """SFT on the winner image only (ALGORITHM.md section 4)."""
+def _winner_only(method: Method, family: FamilyAdapter, policy: Any, inverter: Any, batch: PairBatch,
+                 cfg: ObjectiveConfig) -> LossOutput:
+    """The winner image only (SFT, ALGORITHM.md section 4)."""
     x0 = batch.latents_w.float()
     t, eps = _draw(batch.seeds, x0.shape[1:], family, cfg, x0.device)
     noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds, batch.inverted_w)
-    out = LOSSES["sft"](errors(family, policy, noised, x0, batch.cond))
+    out = method.compute(_loss_inputs(cfg, family, errors(family, policy, noised, x0, batch.cond), None))
     out.metrics["t_mean"] = t.float().mean()
     return out
 
 
-def _kto(family: FamilyAdapter, policy: Any, reference: Any, inverter: Any, batch: ImageBatch,
-         cfg: ObjectiveConfig, mean_over_processes: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
-    """Diffusion-KTO: independent t and eps per image (ALGORITHM.md section 4)."""
+def _unpaired(method: Method, family: FamilyAdapter, policy: Any, reference: Any, inverter: Any, batch: ImageBatch,
+              cfg: ObjectiveConfig, mean_over_processes: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
+    """Single images with independent t and eps (Diffusion-KTO, ALGORITHM.md section 4)."""
     x0 = batch.latents.float()
     t, eps = _draw(batch.seeds, x0.shape[1:], family, cfg, x0.device)
     noised = noise_latents(family, inverter, x0, t, eps, batch.cond, cfg, batch.uncond, batch.seeds, batch.inverted)
     model = errors(family, policy, noised, x0, batch.cond)
-    with torch.no_grad():
-        ref = errors(family, reference, noised, x0, batch.cond)
+    ref = _reference_errors(method, family, reference, noised, x0, batch.cond)
     point = None
-    if mean_over_processes is not None:
+    if mean_over_processes is not None and ref is not None:
+        # The reference point z0 over the global batch: the mean implicit reward g = r - m.
         point = mean_over_processes((ref - model).detach().mean())
-    out = LOSSES["kto"](model, ref, desirable=batch.desirable.to(x0.device), beta=cfg.beta, reference_point=point)
+    out = method.compute(_loss_inputs(cfg, family, model, ref, desirable=batch.desirable.to(x0.device),
+                                      reference_point=point))
     out.metrics["t_mean"] = t.float().mean()
     return out

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from smpo.batch import ImageBatch, PairBatch
 from smpo.models.family import Conditioning
-from smpo.objective import ImageBatch, PairBatch
-from smpo.train.data import KTOImages
+from smpo.train.unpaired import KTOImages
 
 
 class FakePairs:

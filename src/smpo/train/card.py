@@ -7,10 +7,7 @@ from typing import Any
 
 import yaml
 
-METHOD_NAMES = {"smpo": "SmPO-Diffusion (smoothed preference optimisation with ReNoise inversion)",
-                "dpo": "Diffusion-DPO", "kto": "Diffusion-KTO", "mapo": "MaPO", "sft": "supervised fine-tuning (SFT)"}
-PAPERS = {"smpo": "https://arxiv.org/abs/2506.02698", "dpo": "https://arxiv.org/abs/2311.12908",
-          "kto": "https://arxiv.org/abs/2404.04465", "mapo": "https://arxiv.org/abs/2406.06424"}
+from smpo.methods import get_method
 
 
 def model_card(config: Any, family: str, *, kind: str, steps: int, metrics: dict[str, float] | None = None,
@@ -22,6 +19,7 @@ def model_card(config: Any, family: str, *, kind: str, steps: int, metrics: dict
     ``.from_pretrained``) or ``lora`` (``pipeline.load_lora_weights``).
     """
     objective = config.objective.resolved()
+    method = get_method(objective.method)
     base = config.model.pretrained
     meta = {
         "base_model": base, "library_name": "diffusers", "license": "other",
@@ -41,14 +39,13 @@ def model_card(config: Any, family: str, *, kind: str, steps: int, metrics: dict
     data = config.data.cache or config.data.dataset
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-        f"# {METHOD_NAMES.get(objective.method, objective.method)} fine-tune of `{base}`", "",
+        f"# {method.description} fine-tune of `{base}`", "",
         f"{'LoRA adapters' if kind == 'lora' else 'Full ' + {'unet': 'UNet'}.get(network, network) + ' weights'} trained with "
         f"smpo `smpo train` ({steps} optimizer steps).", "",
         "## Method", "",
-        f"- method: `{objective.method}` ({METHOD_NAMES.get(objective.method, '')}"
-        + (f", {PAPERS[objective.method]}" if objective.method in PAPERS else "") + ")",
+        f"- method: `{method.name}` ({method.description}" + (f", {method.paper}" if method.paper else "") + ")",
         f"- noising: `{objective.noising}`, labels: `{objective.labels}`, beta: {objective.beta:g}"
-        + (f", gamma: {objective.gamma:g}" if objective.method == "smpo" else ""),
+        + (f", gamma: {objective.gamma:g}" if method.smoothed_labels else ""),  # gamma: Eq. 12's sensitivity
         "", "## Data", "", f"- `{data}` (`{'smpo cache' if config.data.cache else 'smpo label'}` output)", "",
         "## Use", "", "```python", f"from diffusers import {pipeline}, {network_class}", "", usage, "```", "",
         "## Training config", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).strip(), "```", "",

@@ -28,7 +28,9 @@ from typing import Any, Literal
 
 import yaml
 
-from smpo.objective import METHODS, NOISINGS, TIMESTEP_SAMPLINGS, ObjectiveConfig
+from smpo.labels import LABELS
+from smpo.methods import METHODS
+from smpo.objective import NOISINGS, TIMESTEP_SAMPLINGS, ObjectiveConfig
 from smpo.options import ConfigError, add_dataclass_arguments, apply_overrides, field_docs, option_name
 
 __all__ = ["CHOICES", "SECTIONS", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig",
@@ -153,7 +155,7 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS, "noising": NOISINGS, "labels": ("binary", "smoothed"),
+    "method": tuple(METHODS), "noising": NOISINGS, "labels": LABELS,
     "inverting_network": ("policy", "reference"), "timestep_sampling": TIMESTEP_SAMPLINGS,
 }
 """Allowed values of string fields not typed as a ``Literal`` (checked on the command line and in YAML)."""

@@ -17,6 +17,7 @@ and draws of an uninterrupted one: the data position is just the step count.
 Two sources of pairs: a labelled dataset (``smpo label`` output: parquet shards with ``jpg_0``,
 ``jpg_1``, ``caption``, ``winner``, ``p_win``, ``label_0``...; images decoded and resized here,
 encoded by the VAE in the loop) and a ``smpo cache`` folder (latents and text embeddings ready).
+An unpaired method draws single images from either (`smpo.train.unpaired`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from smpo.objective import derive_seed
+from smpo.batch import PairBatch, derive_seed
+from smpo.labels import is_tie, winner_of
+from smpo.methods import BatchKind, get_method
+from smpo.models import Conditioning, prepare_image
+from smpo.train.unpaired import KTOImages
 
 # ---------------------------------------------------------------------------------------------
 # Randomness and order
@@ -107,7 +112,7 @@ class LabelledPairs:
         meta["pair_id"] = [str(p) for p in meta.get("pair_id", range(total))]
         keep = range(total if max_pairs is None else min(max_pairs, total))
         if drop_ties and "label_0" in meta:
-            keep = [i for i in keep if meta["label_0"][i] is None or float(meta["label_0"][i]) != 0.5]
+            keep = [i for i in keep if not is_tie(meta["label_0"][i])]
         self.rows_in_files = list(keep)  # dataset position -> row in the parquet files
         self.meta = {k: [v[i] for i in self.rows_in_files] for k, v in meta.items()}
         self.columns = names
@@ -163,26 +168,6 @@ def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float,
                      image_flips=image_flips)
 
 
-def winner_of(row: dict[str, Any], labels: str) -> tuple[int, float]:
-    """``(index of the preferred image, its win probability)`` of a labelled row.
-
-    ``smoothed``: the reward model's winner and ``p_win`` (ALGORITHM.md section 2, Eq. 11).
-    ``binary``: the human label ``label_0`` when the row has one (ties are filtered out before),
-    else the reward model's winner; the probability is 1.
-    """
-    if labels == "smoothed":
-        if row.get("winner") is None or row.get("p_win") is None:
-            raise ValueError(f"pair {row.get('pair_id')!r} has no winner/p_win: smoothed labels need a dataset "
-                             "labelled by `smpo label` (or use --labels binary)")
-        return int(row["winner"]), float(row["p_win"])
-    label = row.get("label_0")
-    if label is not None:
-        return (0 if float(label) == 1.0 else 1), 1.0
-    if row.get("winner") is None:
-        raise ValueError(f"pair {row.get('pair_id')!r} has neither label_0 nor winner")
-    return int(row["winner"]), 1.0
-
-
 class ImagePairs:
     """Batches from a labelled dataset: decode, resize, centre-crop, flip, then VAE and text encoders."""
 
@@ -201,9 +186,8 @@ class ImagePairs:
         """Every pair's label columns (no images), in dataset order."""
         return self.labelled.rows(list(range(len(self.labelled))), images=False)
 
-    def batch(self, indices: list[int], epoch: int) -> Any:
+    def batch(self, indices: list[int], epoch: int) -> PairBatch:
         from smpo.data.pairs import decode_image
-        from smpo.models.family import prepare_image
 
         rows = self.labelled.rows(indices)
         pixels, sizes, crops, captions, drops, seeds, p_wins = [], [], [], [], [], [], []
@@ -239,14 +223,12 @@ class ImagePairs:
 
 def make_pair_batch(family: Any, latents_w: torch.Tensor, latents_l: torch.Tensor, cond: Any, drops: list[bool],
                     uncond: Any, p_wins: list[float], seeds: list[int], *, cond_l: Any = None,
-                    sizes_l: list | None = None, crops_l: list | None = None) -> Any:
-    """A ``smpo.objective.PairBatch``; captions are dropped where ``drops`` (SDXL keeps its time ids).
+                    sizes_l: list | None = None, crops_l: list | None = None) -> PairBatch:
+    """A `PairBatch`; captions are dropped where ``drops`` (SDXL keeps its time ids).
 
     The losers' conditioning is ``cond_l`` when given, else (SDXL) the winners' text with the
     losers' own ``sizes_l``/``crops_l`` time ids, else the winners' (SD1.5).
     """
-    from smpo.objective import PairBatch
-
     device = latents_w.device
     mask = torch.tensor(drops, dtype=torch.bool)
     uncond = uncond.to(device, torch.float32)
@@ -279,7 +261,7 @@ class CachedPairs:
         ids = self.cache.pair_ids[:max_pairs]
         if labels == "binary" and "label_0" in self.cache.manifest:
             ties = {str(p) for p, lab in zip(self.cache.manifest["pair_id"], self.cache.manifest["label_0"])
-                    if lab is not None and float(lab) == 0.5}
+                    if is_tie(lab)}
             ids = [p for p in ids if p not in ties]
         self.pair_ids = ids
         self.uncond = self.cache.empty_conditioning()
@@ -292,9 +274,7 @@ class CachedPairs:
         """Every pair's label columns, in this source's order (the cache keeps no image uids)."""
         return [{"pair_id": pid, **self.cache.labels(pid)} for pid in self.pair_ids]
 
-    def batch(self, indices: list[int], epoch: int) -> Any:
-        from smpo.models.family import Conditioning
-
+    def batch(self, indices: list[int], epoch: int) -> PairBatch:
         latents_w, latents_l, conds_w, conds_l, drops, seeds, p_wins = [], [], [], [], [], [], []
         inverted: tuple[list, list] = ([], [])
         for i in indices:
@@ -331,84 +311,11 @@ class CachedPairs:
         return batch
 
 
-class KTOImages:
-    """Diffusion-KTO's unpaired images (ALGORITHM.md section 4) drawn from a pair source.
-
-    Each distinct image (by ``image_{0,1}_uid`` when the dataset has them, as Pick-a-Pic does;
-    else by pair and side) is desirable if it won at least one of its pairs under the binary
-    labels (the authors' ``gt_label_wi_l`` policy: an image that both won and lost counts as
-    desirable), undesirable if it only lost. Each epoch draws images with replacement so that the
-    expected share of desirable ones is ``desirable_share`` (the authors' weighted sampler,
-    ``--positive_ratio``). A "pair" of the training budget is two drawn images, so a KTO step
-    costs what a DPO step of the same batch costs.
-
-    The draws depend on ``(seed, epoch)`` alone and each image's t and noise on ``(seed, epoch,
-    slot)``, so, as for the pairwise methods, the split among processes does not change them.
-    """
-
-    def __init__(self, pairs: Any, *, seed: int, desirable_share: float, source: str = "the dataset"):
-        if not 0.0 < desirable_share < 1.0:
-            raise ValueError(f"kto_desirable_share must lie in (0, 1); got {desirable_share}")
-        self.pairs, self.seed = pairs, seed
-        first: dict[str, tuple[int, int]] = {}
-        won: dict[str, bool] = {}
-        self.winner_side: list[int] = []
-        for index, row in enumerate(pairs.pair_meta()):
-            winner, _ = winner_of(row, "binary")
-            self.winner_side.append(winner)
-            for side in (0, 1):
-                uid = str(row.get(f"image_{side}_uid") or f"{row['pair_id']}:{side}")
-                first.setdefault(uid, (index, side))
-                won[uid] = won.get(uid, False) or side == winner
-        self.images = list(first.values())  # (pair index, side) of each distinct image
-        self.desirable = np.array([won[uid] for uid in first], dtype=bool)
-        n_good = int(self.desirable.sum())
-        n_bad = len(self.desirable) - n_good
-        if n_good == 0 or n_bad == 0:
-            raise ValueError(f"{source}: KTO needs desirable and undesirable images; found {n_good} desirable "
-                             f"and {n_bad} undesirable among {len(self.desirable)} images")
-        self.weights = np.where(self.desirable, desirable_share / n_good, (1.0 - desirable_share) / n_bad)
-        self._draws: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.images) // 2
-
-    def draws(self, epoch: int) -> np.ndarray:
-        """The epoch's image sequence (indices into ``self.images``), two per slot."""
-        if epoch not in self._draws:
-            rng = np.random.default_rng(derive_seed(self.seed, "kto-sampler", epoch))
-            self._draws = {epoch: rng.choice(len(self.images), size=2 * len(self), p=self.weights)}
-        return self._draws[epoch]
-
-    def batch(self, indices: list[int], epoch: int) -> Any:
-        from smpo.models.family import Conditioning
-        from smpo.objective import ImageBatch
-
-        draws = self.draws(epoch)
-        positions = [2 * slot + k for slot in indices for k in (0, 1)]
-        picks = [self.images[draws[p]] for p in positions]
-        row_of = {i: j for j, i in enumerate(dict.fromkeys(i for i, _ in picks))}  # pair index -> batch row
-        paired = self.pairs.batch(list(row_of), epoch)
-        latents, conds, inverted = [], [], []
-        for i, side in picks:
-            j = row_of[i]
-            is_winner = side == self.winner_side[i]
-            latents.append(paired.latents_w[j] if is_winner else paired.latents_l[j])
-            cond = paired.cond if is_winner or paired.cond_l is None else paired.cond_l
-            conds.append(cond.index([j]))
-            if paired.inverted is not None:
-                inverted.append(paired.inverted_w[j] if is_winner else paired.inverted_l[j])
-        desirable = torch.tensor([bool(self.desirable[draws[p]]) for p in positions], device=paired.latents_w.device)
-        return ImageBatch(latents=torch.stack(latents), cond=Conditioning.cat(conds), desirable=desirable,
-                          seeds=[derive_seed(self.seed, "kto", epoch, p) for p in positions], uncond=paired.uncond,
-                          inverted=torch.stack(inverted) if inverted else None)
-
-
 def open_pairs(config: Any, family: Any) -> Any:
     """The pair source of a run: a ``smpo cache`` folder when ``data.cache`` is set, else the dataset;
-    for KTO, the images drawn from it (`KTOImages`)."""
+    for an unpaired method (KTO), the images drawn from it (`KTOImages`)."""
     source = _pair_source(config, family)
-    if config.objective.method == "kto":
+    if get_method(config.objective.method).batch_kind is BatchKind.UNPAIRED:
         return KTOImages(source, seed=config.run.seed, desirable_share=config.data.kto_desirable_share,
                          source=config.data.cache or config.data.dataset)
     return source
