@@ -49,6 +49,7 @@ from smpo.io import (
     refuse_changed_settings,
     write_json,
 )
+from smpo.labels import human_winner
 
 LABELS_FILE = "labels.json"
 WORK_DIR = ".work"
@@ -327,9 +328,10 @@ def summarise(out: Path, plan: dict[str, Any], settings: RunSettings) -> LabelSu
                              for name in names)
     label_0, winner = table.column("label_0").to_numpy(), table.column("winner").to_numpy()
     p_win = table.column("p_win").to_numpy()
-    decided = label_0 != 0.5
-    human_winner = np.where(label_0 == 1.0, 0, 1)
-    agreement = float(np.mean(winner[decided] == human_winner[decided])) if decided.any() else None
+    humans = [human_winner(v) for v in label_0.tolist()]
+    decided = np.array([h is not None for h in humans], dtype=bool)
+    agreement = (float(np.mean(winner[decided] == np.array([h for h in humans if h is not None])))
+                 if decided.any() else None)
     ids = table.column("pair_id").to_pylist()
     stats = ReadStats.from_dict(plan["stats"])
     overridden = plan["asked"]["score_min"] is not None or plan["asked"]["score_max"] is not None

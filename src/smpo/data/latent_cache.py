@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from smpo.batch import PairBatch
 from smpo.io import model_identity, read_json
+from smpo.labels import human_winner
 from smpo.models.family import Conditioning
-from smpo.objective import PairBatch
 
 CACHE_VERSION = 1
 
@@ -82,10 +83,7 @@ class CachedPair:
     @property
     def human_winner(self) -> int | None:
         """The image the human preferred (``label_0``: 1 -> 0, 0 -> 1); ``None`` for a tie or no label."""
-        label = self.labels.get("label_0")
-        if label is None or float(label) == 0.5:
-            return None
-        return 0 if float(label) == 1.0 else 1
+        return human_winner(self.labels.get("label_0"))
 
     @property
     def winner(self) -> int:

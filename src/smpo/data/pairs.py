@@ -38,17 +38,9 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from smpo.data.schema import (
-    HUMAN_LABELS,
-    TIE,
-    PreferencePair,
-    ReadStats,
-    SkippedPair,
-)
-from smpo.data.sources import (
-    PairSource,
-    open_source,
-)
+from smpo.data.schema import HUMAN_LABELS, PreferencePair, ReadStats, SkippedPair
+from smpo.data.sources import PairSource, open_source
+from smpo.labels import is_tie
 
 # ---------------------------------------------------------------------------------------------------
 # Pairs from tables.
@@ -92,7 +84,7 @@ def pairs_in_table(source: PairSource, table: pa.Table, first_row: int, *, keep_
         if problem is not None:
             stats.skipped.append(SkippedPair(pair_id, row, problem))
             continue
-        if float(label) == TIE:
+        if is_tie(label):
             stats.ties += 1
             if not keep_ties:
                 continue

@@ -12,10 +12,11 @@ from typing import Any
 
 from PIL import Image
 
+from smpo.labels import TIE, is_tie
+
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 JSONL_FIELDS = ("prompt", "image_0", "image_1", "label_0")
-HUMAN_LABELS = (0.0, 0.5, 1.0)
-TIE = 0.5
+HUMAN_LABELS = (0.0, TIE, 1.0)
 ID_COLUMNS = ("pair_id", "ranking_id")  # first one present names the pairs; else the row index
 DEFAULT_BATCH_ROWS = 64
 
@@ -87,4 +88,4 @@ class PreferencePair:
 
     @property
     def is_tie(self) -> bool:
-        return self.label_0 == TIE
+        return is_tie(self.label_0)

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from smpo.io import atomic_path
+from smpo.labels import TIE, human_winner
 from smpo.world.reward import WorldScorer
 
 
@@ -46,7 +47,7 @@ class Rater:
     def label(self, utility_0: float, utility_1: float, rng: np.random.Generator) -> float:
         """Pick-a-Pic's ``label_0``: 1 (first preferred), 0 (second preferred) or 0.5 (tie)."""
         if abs(utility_0 - utility_1) < self.tie_margin:
-            return 0.5
+            return TIE
         return 1.0 if rng.random() < self.prob_first(utility_0, utility_1) else 0.0
 
 
@@ -103,7 +104,7 @@ def label_pairs(pairs: list[tuple[Image.Image, Image.Image]], prompts: list[str]
             ranking_id=i, user_id=rater.user_id, caption=prompt, num_example_per_prompt=examples_per_prompt,
             jpg_0=png_bytes(image_0), jpg_1=png_bytes(image_1), label_0=label_0, label_1=1.0 - label_0,
             image_0_uid=uid_0, image_1_uid=uid_1, model_0=model_0, model_1=model_1,
-            best_image_uid="" if label_0 == 0.5 else (uid_0 if label_0 == 1.0 else uid_1),
+            best_image_uid="" if human_winner(label_0) is None else (uid_0, uid_1)[human_winner(label_0)],
             has_label=True, are_different=True,
         ))
     return rows

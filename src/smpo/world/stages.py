@@ -15,17 +15,25 @@ from pathlib import Path
 from typing import Any
 
 from smpo.io import atomic_path
+from smpo.methods import METHODS, get_method
+from smpo.objective import NOISINGS
 
-METHOD_NAMES = {"smpo": "SmPO", "dpo": "Diffusion-DPO", "kto": "Diffusion-KTO", "mapo": "MaPO", "sft": "SFT"}
+METHOD_NAMES = {name: method.display_name for name, method in METHODS.items()}
 """The display name of each method the world trains (reports, plots, grid rows)."""
 
-SMPO_NOISINGS = ("renoise", "ddim-inversion", "forward")
+SMPO_NOISINGS = tuple(reversed(NOISINGS))
 """SmPO's ways of finding x_t in the demo: the paper's ReNoise and the Table 3 ablations."""
+
+
+def inverts_by_default(method: str) -> bool:
+    """Whether ``method`` finds x_t by inversion unless told otherwise (SmPO): the methods the
+    demo's ``--smpo-noising`` applies to."""
+    return get_method(method).default_noising != "forward"
 
 
 def method_objective(method: str, smpo_noising: str) -> dict[str, Any] | None:
     """The objective settings a demo run gives ``method`` beyond its defaults: SmPO's x_t."""
-    return {"noising": smpo_noising} if method == "smpo" else None
+    return {"noising": smpo_noising} if inverts_by_default(method) else None
 
 
 @dataclass(frozen=True)

@@ -60,11 +60,11 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
         run_dir = work / "run"
         started = time.perf_counter()
         start_unet = None
-        if rung.start == "sft":
-            sft_dir = work / "start-sft"
-            if not (sft_dir / "final").is_dir():
-                train(train_config("sft", base, dataset, sft_dir, replace(demo_cfg, eval_every=0), resume=True))
-            start_unet = sft_dir / "final" / "unet"
+        if rung.start is not None:  # a first stage of another method, from which the rung starts
+            start_dir = work / f"start-{rung.start}"
+            if not (start_dir / "final").is_dir():
+                train(train_config(rung.start, base, dataset, start_dir, replace(demo_cfg, eval_every=0), resume=True))
+            start_unet = start_dir / "final" / "unet"
         config = train_config(rung.method, base, dataset, run_dir, demo_cfg, rung.objective, resume=True,
                               unet=start_unet)
         if rung.cached_inversion:

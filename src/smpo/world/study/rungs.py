@@ -22,7 +22,7 @@ class Rung:
     method: str
     objective: dict[str, Any] = field(default_factory=dict)
     start: str | None = None
-    """``"sft"``: first fine-tune the base with SFT on the winners (the same budget, rate and seed),
+    """A method to train first (``"sft"``: SFT on the winners, with the same budget, rate and seed),
     then train this rung from that UNet (policy and reference), as the paper's SD1.5 run starts
     from an SFT-tuned UNet. The lift is still measured against the base."""
     cached_inversion: bool = False
@@ -140,7 +140,9 @@ def shipped_summary() -> dict[str, Any] | None:
 
 def demo_rung(method: str, smpo_noising: str = "renoise") -> str | None:
     """The study's rung of a demo method (``None`` for settings the study does not run)."""
-    if method != "smpo":
+    from smpo.world.stages import inverts_by_default
+
+    if not inverts_by_default(method):
         return method if method in RUNG_BY_KEY else None
     if smpo_noising == "forward":
         return "smpo-forward"
