@@ -3,7 +3,7 @@ a different scheduler, or a ControlNet.
 
 - The base model is a diffusers pipeline folder or hub id; its family (``sd15``, ``sdxl``, ``sd3``
   or ``flux``) is read from the pipeline class named in ``model_index.json``, and the family's
-  adapter class names its pipeline class (``smpo.models.family.FAMILIES``).
+  adapter class names its pipeline class (``smpo.models.FAMILIES``, ``smpo.models.detect_family``).
 - A trained output is either a full network (a folder with ``config.json`` of a
   ``UNet2DConditionModel``, or of an ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``,
   directly or in a ``unet/`` or ``transformer/`` subfolder) or a LoRA in the diffusers format
@@ -11,25 +11,24 @@ a different scheduler, or a ControlNet.
   ``pipeline.load_lora_weights``). An `smpo train` run's ``final/`` folder is either.
 - A ControlNet (``ControlNetModel`` folder or hub id; SD1.5 and SDXL) turns the pipeline into the
   family's ControlNet pipeline sharing the same components (``from_pipe``).
+
+Every per-family answer (pipeline, network and ControlNet classes, safety checker, whether the
+sampler may be swapped) comes from the family's adapter class.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from smpo.models.family import FAMILIES as _ADAPTERS
-from smpo.models.family import diffusers_dtype_kwarg
+from smpo.models import FAMILIES, detect_family, diffusers_dtype_kwarg
 
-FAMILIES = tuple(_ADAPTERS)
 # Paper Appendix D: CFG 7.5 for SD1.5 and 5 for SDXL; the pipelines' defaults for SD3 (7) and FLUX
 # (its distilled guidance, 3.5).
-FAMILY_GUIDANCE_SCALE = {name: adapter.guidance_scale for name, adapter in _ADAPTERS.items()}
-CONTROLNET_FAMILIES = ("sd15", "sdxl")
+FAMILY_GUIDANCE_SCALE = {name: adapter.guidance_scale for name, adapter in FAMILIES.items()}
 LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 
 SCHEDULERS = {
@@ -40,36 +39,6 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-
-
-def _read_json(model: str | os.PathLike, filename: str, subfolder: str | None = None) -> dict[str, Any]:
-    """``filename`` of a local folder, or downloaded from the hub when ``model`` is not a folder."""
-    local = Path(model) / (subfolder or "") / filename
-    if Path(model).is_dir():
-        if not local.is_file():
-            raise FileNotFoundError(f"{local} not found")
-        return json.loads(local.read_text())
-    from huggingface_hub import hf_hub_download
-
-    return json.loads(Path(hf_hub_download(str(model), filename, subfolder=subfolder)).read_text())
-
-
-def detect_family(model: str | os.PathLike) -> str:
-    """``sd15``, ``sdxl``, ``sd3`` or ``flux`` from the pipeline class named in ``model_index.json``."""
-    try:
-        class_name = _read_json(model, "model_index.json")["_class_name"]
-    except (FileNotFoundError, KeyError) as e:
-        raise ValueError(f"{model}: not a diffusers pipeline (no usable model_index.json: {e})") from None
-    from smpo.models.flow import flow_family_of
-
-    flow = flow_family_of(class_name)
-    if flow is not None:
-        return flow
-    if "StableDiffusionXL" in class_name:
-        return "sdxl"
-    if "StableDiffusion" in class_name:
-        return "sd15"
-    raise ValueError(f"{model}: pipeline class {class_name!r} is neither an SD1.5, SDXL, SD3 nor a FLUX pipeline")
 
 
 def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: str | os.PathLike | None = None,
@@ -87,16 +56,15 @@ def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: 
     family = family or detect_family(model)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    adapter = _ADAPTERS[family]
-    if controlnet is not None and family not in CONTROLNET_FAMILIES:
-        raise ValueError(f"--controlnet is supported for {' and '.join(CONTROLNET_FAMILIES)} models, not {family}")
-    if scheduler and adapter.prediction_type_family != "diffusion":
+    adapter = FAMILIES[family]
+    if controlnet is not None and adapter.controlnet_pipeline_class is None:
+        supported = [name for name, cls in FAMILIES.items() if cls.controlnet_pipeline_class is not None]
+        raise ValueError(f"--controlnet is supported for {' and '.join(supported)} models, not {family}")
+    if scheduler and not adapter.scheduler_swappable:
         raise ValueError(f"--scheduler swaps DDPM-family samplers; a {family} model samples with its flow-matching "
                          "scheduler")
     cls = getattr(diffusers, adapter.pipeline_class)
-    kwargs: dict[str, Any] = diffusers_dtype_kwarg(dtype)
-    if family == "sd15" and not safety_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs: dict[str, Any] = {**diffusers_dtype_kwarg(dtype), **adapter.pipeline_kwargs(safety_checker=safety_checker)}
     trained = trained_output_kind(unet) if unet is not None else None
     if trained is not None and trained[0] == "unet":
         kwargs[adapter.network_folder] = load_trained_unet(unet, dtype=dtype, network_class=adapter.network_class)
@@ -109,8 +77,7 @@ def load_pipeline(model: str | os.PathLike, *, family: str | None = None, unet: 
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if controlnet is not None:
         cn = diffusers.ControlNetModel.from_pretrained(controlnet, **diffusers_dtype_kwarg(dtype))
-        cn_cls = diffusers.StableDiffusionXLControlNetPipeline if family == "sdxl" else diffusers.StableDiffusionControlNetPipeline
-        pipe = cn_cls.from_pipe(pipe, controlnet=cn)
+        pipe = getattr(diffusers, adapter.controlnet_pipeline_class).from_pipe(pipe, controlnet=cn)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), family
 

@@ -1,16 +1,18 @@
-"""Model families (SD1.5, SDXL) behind one adapter interface, LoRA helpers and architecture presets."""
+"""Model families behind one adapter interface (``base``: the interface; ``conditioning``: what the
+network is conditioned on; ``ddpm``: SD1.5 and SDXL; ``flow``: SD3 and FLUX; ``loading``: the registry,
+detection and loading), LoRA helpers and architecture presets."""
 
-from smpo.models.family import (
+from smpo.models.base import FamilyAdapter, InversionSettings, diffusers_dtype_kwarg
+from smpo.models.conditioning import Conditioning, PreparedImage, prepare_image
+from smpo.models.ddpm import DDPMAdapter, SD15Adapter, SDXLAdapter
+from smpo.models.flow import FlowAdapter, FluxAdapter, SD3Adapter
+from smpo.models.loading import (
     FAMILIES,
-    Conditioning,
-    FamilyAdapter,
-    PreparedImage,
-    SD15Adapter,
-    SDXLAdapter,
+    FAMILY_NAMES,
     detect_family,
     load_family,
     make_adapter,
-    prepare_image,
+    read_model_index,
 )
 from smpo.models.lora import (
     AdaptersOffView,
@@ -22,7 +24,8 @@ from smpo.models.lora import (
 )
 
 __all__ = [
-    "FAMILIES", "AdaptersOffView", "Conditioning", "FamilyAdapter", "PreparedImage", "SD15Adapter", "SDXLAdapter",
-    "adapters_disabled", "add_lora", "detect_family", "has_lora", "load_family", "lora_parameters", "make_adapter",
-    "prepare_image", "reference_view",
+    "FAMILIES", "FAMILY_NAMES", "AdaptersOffView", "Conditioning", "DDPMAdapter", "FamilyAdapter", "FlowAdapter",
+    "FluxAdapter", "InversionSettings", "PreparedImage", "SD3Adapter", "SD15Adapter", "SDXLAdapter",
+    "adapters_disabled", "add_lora", "detect_family", "diffusers_dtype_kwarg", "has_lora", "load_family",
+    "lora_parameters", "make_adapter", "prepare_image", "read_model_index", "reference_view",
 ]

@@ -13,7 +13,9 @@ method: :meth:`FlowAdapter.add_noise`, :meth:`~FlowAdapter.target` (the velocity
 :meth:`~FlowAdapter.unet_output` (the network's velocity at ``sigmas[t]``) and
 :meth:`~FlowAdapter.invert` (Euler inversion with ReNoise, ``smpo.inversion.flow_renoise_invert``).
 
-``unet`` is the transformer (the adapter interface keeps its name). Prompts are encoded by the
+A flow family has no ``alphas_cumprod``: its schedule is ``sigmas``, and it stores no inversion
+(``stores_inversion`` is False) and has no DDIM-InPO step noise. ``unet`` is the transformer (the
+adapter interface keeps its name). Prompts are encoded by the
 pipeline class's own ``encode_prompt`` over the adapter's text encoders, so training, the cache
 and ``smpo generate`` see the same embeddings:
 
@@ -23,11 +25,14 @@ and ``smpo generate`` see the same embeddings:
 - FLUX: T5's states; CLIP's pooled output. The transformer takes 2x2-packed latents, their
   position ids, zero text ids and (FLUX.1-dev) the distilled guidance scale; the adapter packs
   and unpacks, so latents stay ``[B, C, h, w]`` everywhere else.
+
+Imports ``smpo.models.base``, ``smpo.models.conditioning`` and ``smpo.inversion``.
 """
 
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,24 +41,24 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from smpo.models.family import Conditioning, FamilyAdapter, Size, _module_dtype, guided_fn
+from smpo import inversion
+from smpo.models.base import FamilyAdapter, InversionSettings, diffusers_dtype_kwarg, freeze, module_dtype
+from smpo.models.conditioning import Conditioning, Size, guided_fn
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FlowAdapter(FamilyAdapter):
-    """A flow-matching family. ``sigmas``: ``[T]`` ascending training sigmas (``t`` indexes them).
+    """A flow-matching family. ``sigmas``: ``[T]`` ascending training sigmas (``t`` indexes them)."""
 
-    ``alphas_cumprod`` holds the signal fraction of the equivalent variance-preserving process,
-    ``(1 - s)^2 / ((1 - s)^2 + s^2)`` (same SNR), so code that reads the schedule's length or
-    device works unchanged; the flow math reads ``sigmas``.
-    """
-
-    sigmas: Tensor | None = None
+    sigmas: Tensor
+    prediction_type: str = "flow"
     max_sequence_length: int = 256
     """T5 tokens per prompt (the pipeline's default, or less if the tokenizer is shorter)."""
 
     timestep_scale: ClassVar[float] = 1.0
     """The transformer's ``timestep`` input is ``sigma * timestep_scale``."""
+    default_max_sequence_length: ClassVar[int] = 256
+    """The pipeline's default ``max_sequence_length`` (StableDiffusion3Pipeline 256, FluxPipeline 512)."""
     pipeline_class: ClassVar[str] = ""
     prediction_type_family: ClassVar[str] = "flow"
 
@@ -61,26 +66,27 @@ class FlowAdapter(FamilyAdapter):
         if self.prediction_type != "flow":
             raise ValueError(f"{self.source or 'model'}: a flow-matching family needs prediction_type 'flow', "
                              f"got {self.prediction_type!r}")
-        if self.sigmas is None or self.sigmas.shape != self.alphas_cumprod.shape:
+        if self.sigmas.dim() != 1:
             raise ValueError("a flow-matching family needs its ascending training sigmas, one per level")
 
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.sigmas.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.sigmas.device
+
     def to(self, device: torch.device | str) -> FlowAdapter:
+        """Move every component and ``sigmas`` to ``device``; dtypes are kept."""
         super().to(device)
-        self.sigmas = self.sigmas.to(device)  # type: ignore[union-attr]
+        self.sigmas = self.sigmas.to(device)
         return self
-
-    @property
-    def latent_size(self) -> int:
-        return self.resolution // self.vae_scale_factor
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # ---- the flow parametrisation
     def sigma_of(self, t: Tensor) -> Tensor:
         """``sigmas[t]`` (float32, ``[B]``)."""
-        return self.sigmas.to(t.device)[t.long()].float()  # type: ignore[union-attr]
+        return self.sigmas.to(t.device)[t.long()].float()
 
     def _s(self, t: Tensor, like: Tensor) -> Tensor:
         return self.sigma_of(t.to(like.device)).view(-1, *[1] * (like.dim() - 1))
@@ -98,47 +104,42 @@ class FlowAdapter(FamilyAdapter):
         """The noise implied by a velocity: ``eps = x_s + (1 - s) v``."""
         return x_t + (1 - self._s(t, x_t)) * output
 
+    def implied_noise(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """``(x_s - (1 - s) x0) / s`` with ``s = sigmas[t]`` (``smpo.inversion.flow_implied_noise``)."""
+        return inversion.flow_implied_noise(x_t, x0, self.sigma_of(t.to(x0.device)))
+
     def unet_output(self, unet: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The network's velocity at ``(x_t, sigmas[t])`` in float32 (``t`` a ``LongTensor[B]``)."""
         return self.velocity(unet, x_t, self.sigma_of(t.to(x_t.device)), cond)
 
     def velocity(self, network: Any, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         """The network's velocity at float levels ``sigma`` ``[B]`` (inputs cast to its dtype)."""
-        dtype = _module_dtype(network)
+        dtype = module_dtype(network)
         self.unet_evals += x.shape[0]
         self.unet_calls += 1
         cond = cond.to(x.device, dtype)
         out = self._forward(network, x.to(dtype), sigma.to(device=x.device, dtype=dtype) * self.timestep_scale, cond)
         return out.float()
 
+    @abstractmethod
     def _forward(self, network: Any, x: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
-        raise NotImplementedError
+        """The transformer called as the family's pipeline calls it."""
 
     def velocity_fn(self, network: Any, cond: Conditioning, uncond: Conditioning | None = None,
                     guidance: float = 1.0) -> Callable[..., Tensor]:
         """``velocity_fn(x, sigma, index=None) -> v`` for ``smpo.inversion.flow_renoise_invert``;
-        ``guidance != 1`` mixes in the unconditional velocity, both in one call (as :meth:`eps_fn`)."""
+        ``guidance != 1`` mixes in the unconditional velocity, both in one call (as ``DDPMAdapter.eps_fn``)."""
         return guided_fn(lambda x, sigma, c: self.velocity(network, x, sigma, c), cond, uncond, guidance)
 
-    def invert(self, network: Any, x0: Tensor, t: Tensor, cond: Conditioning, *, uncond: Conditioning | None,
-               num_steps: int, renoise_iters: int, guidance: float, land_on_t: bool, step_noise: float,
-               generators: Sequence[torch.Generator] | None) -> tuple[Tensor, Tensor]:
-        """Euler inversion with ReNoise from ``x0`` up to ``s = sigmas[t]`` over ``num_steps`` grid
-        levels of the schedule, landing exactly on ``s``; returns ``(x_s, eps_hat)``.
-
-        ``land_on_t`` does not apply (there is no authors' flow grid to reproduce: a flow
-        inversion always lands on ``s``); DDIM-InPO's ``step_noise`` is not defined for flows.
-        """
-        from smpo.inversion import flow_grid, flow_implied_noise, flow_renoise_invert
-
-        if step_noise:
-            raise ValueError("objective.inversion_noise (DDIM-InPO's fresh noise) is not defined for "
-                             f"flow-matching models ({self.name})")
+    def _invert(self, network: Any, x0: Tensor, t: Tensor, cond: Conditioning, settings: InversionSettings, *,
+                uncond: Conditioning | None, generators: Sequence[torch.Generator] | None) -> tuple[Tensor, Tensor]:
+        """Euler inversion with ReNoise from ``x0`` up to ``s = sigmas[t]`` over ``settings.num_steps``
+        grid levels of the schedule, always landing exactly on ``s``; returns ``(x_s, eps_hat)``."""
         sigma = self.sigma_of(t.to(x0.device))
-        v_fn = self.velocity_fn(network, cond, uncond, guidance)
-        x_s = flow_renoise_invert(v_fn, x0, sigma, flow_grid(num_steps, self.sigmas.to(x0.device)),  # type: ignore[union-attr]
-                                  renoise_iters=renoise_iters)
-        return x_s, flow_implied_noise(x_s, x0, sigma)
+        v_fn = self.velocity_fn(network, cond, uncond, settings.guidance)
+        grid = inversion.flow_grid(settings.num_steps, self.sigmas.to(x0.device))
+        x_s = inversion.flow_renoise_invert(v_fn, x0, sigma, grid, renoise_iters=settings.renoise_iters)
+        return x_s, inversion.flow_implied_noise(x_s, x0, sigma)
 
     # ---- prompts, through the pipeline class's own encode_prompt
     def _text_pipeline(self) -> Any:
@@ -151,26 +152,83 @@ class FlowAdapter(FamilyAdapter):
         return pipe
 
     def _text_components(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The text encoders and tokenizers by the pipeline's argument names, nothing else."""
+        parts: dict[str, Any] = dict(transformer=None, scheduler=None, vae=None)
+        for (folder, _), encoder, tokenizer in zip(self.text_encoder_classes, self.text_encoders, self.tokenizers):
+            parts[folder], parts[self.tokenizer_folder(folder)] = encoder, tokenizer
+        return parts
 
     def _text_device(self) -> torch.device:
         return next(self.text_encoders[0].parameters()).device
+
+    # ---- loading
+    @classmethod
+    def resolution_of(cls, vae_config: Any, network_config: Any) -> int:
+        """The training resolution: the VAE's ``sample_size`` (FLUX's transformer has no size; 1024 for FLUX.1)."""
+        return int(_get(vae_config, "sample_size"))
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, vae: str | None, unet: str | None, revision: str | None,
+                        variant: str | None, dtype: torch.dtype, with_unet: bool) -> FlowAdapter:
+        """The transformer (``unet`` names a separate initial one; only its config without
+        ``with_unet``), VAE, text encoders and scheduler of a ``StableDiffusion3Pipeline`` /
+        ``FluxPipeline`` folder or hub id."""
+        import diffusers
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+        network_cls = getattr(diffusers, cls.network_class)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
+        if not with_unet:
+            network, network_config = None, network_cls.load_config(model, subfolder="transformer", revision=revision)
+        else:
+            repo, sub = (model, "transformer") if unet is None else (unet, _network_subfolder(unet))
+            network = network_cls.from_pretrained(repo, subfolder=sub, revision=revision, variant=variant,
+                                                  **diffusers_dtype_kwarg(dtype))
+            network_config = network.config
+        vae_repo, vae_sub = (str(vae), None) if vae is not None else (model, "vae")
+        vae_model = AutoencoderKL.from_pretrained(vae_repo, subfolder=vae_sub, revision=revision,
+                                                  variant=None if vae is not None else variant,
+                                                  **diffusers_dtype_kwarg(dtype))
+        encoders, tokenizers = cls.load_text_encoders(model, revision=revision, variant=variant, dtype=dtype)
+        freeze([network, vae_model, *encoders])
+        return cls.from_components(unet=network, vae=vae_model, text_encoders=encoders, tokenizers=tokenizers,
+                                   scheduler=scheduler, network_config=network_config, source=model)
+
+    @classmethod
+    def from_components(cls, *, unet: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
+                        scheduler: Any, network_config: Any = None, source: str = "") -> FlowAdapter:
+        """``scheduler`` is the pipeline's ``FlowMatchEulerDiscreteScheduler`` (rebuilt from its config,
+        so a pipeline's ``set_timesteps`` does not matter); ``network_config`` defaults to ``unet.config``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sigmas = training_sigmas(FlowMatchEulerDiscreteScheduler.from_config(scheduler.config))
+        resolution = cls.resolution_of(vae.config, network_config if network_config is not None else unet.config)
+        t5 = tokenizers[-1]
+        max_len = min(cls.default_max_sequence_length,
+                      int(getattr(t5, "model_max_length", cls.default_max_sequence_length)))
+        return cls(unet=unet, vae=vae, text_encoders=list(text_encoders), tokenizers=list(tokenizers),
+                   resolution=resolution, source=source, sigmas=sigmas, max_sequence_length=max_len)
 
 
 class SD3Adapter(FlowAdapter):
     """Stable Diffusion 3: ``SD3Transformer2DModel``; CLIP-L and CLIP-G with projection, and T5."""
 
     name: ClassVar[str] = "sd3"
+    pipeline_marker: ClassVar[str] = "StableDiffusion3"
+    text_encoder_classes: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
+        ("text_encoder_3", "T5EncoderModel"))
+    default_max_sequence_length: ClassVar[int] = 256
     timestep_scale: ClassVar[float] = 1000.0  # the pipeline passes scheduler.timesteps = sigma * 1000
     pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     network_class: ClassVar[str] = "SD3Transformer2DModel"
     network_folder: ClassVar[str] = "transformer"
     guidance_scale: ClassVar[float] = 7.0  # StableDiffusion3Pipeline's default CFG
 
-    def _text_components(self) -> dict[str, Any]:
-        te, tok = self.text_encoders, self.tokenizers
-        return dict(transformer=None, scheduler=None, vae=None, text_encoder=te[0], tokenizer=tok[0],
-                    text_encoder_2=te[1], tokenizer_2=tok[1], text_encoder_3=te[2], tokenizer_3=tok[2])
+    @classmethod
+    def resolution_of(cls, vae_config: Any, network_config: Any) -> int:
+        """The transformer's ``sample_size`` times the VAE factor (128 x 8 = 1024)."""
+        return int(_get(network_config, "sample_size")) * 2 ** (len(_get(vae_config, "block_out_channels")) - 1)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], *, original_sizes: Sequence[Size] | None = None,
@@ -186,7 +244,7 @@ class SD3Adapter(FlowAdapter):
                        pooled_projections=cond.added["text_embeds"], return_dict=False)[0]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FluxAdapter(FlowAdapter):
     """FLUX.1: ``FluxTransformer2DModel`` on 2x2-packed latents; CLIP (pooled) and T5 (states).
 
@@ -198,6 +256,10 @@ class FluxAdapter(FlowAdapter):
     guidance: float = 3.5
 
     name: ClassVar[str] = "flux"
+    pipeline_marker: ClassVar[str] = "Flux"
+    text_encoder_classes: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel"))
+    default_max_sequence_length: ClassVar[int] = 512
     timestep_scale: ClassVar[float] = 1.0  # FluxPipeline passes timestep / 1000 = sigma
     pipeline_class: ClassVar[str] = "FluxPipeline"
     network_class: ClassVar[str] = "FluxTransformer2DModel"
@@ -209,11 +271,6 @@ class FluxAdapter(FlowAdapter):
         """FluxPipeline's default size is ``128 x vae factor`` whatever the model; make it the
         family's training resolution, the VAE's ``sample_size`` (1024 for FLUX.1 either way)."""
         pipe.default_sample_size = int(pipe.vae.config.sample_size) // pipe.vae_scale_factor
-
-    def _text_components(self) -> dict[str, Any]:
-        te, tok = self.text_encoders, self.tokenizers
-        return dict(transformer=None, scheduler=None, vae=None, text_encoder=te[0], tokenizer=tok[0],
-                    text_encoder_2=te[1], tokenizer_2=tok[1])
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], *, original_sizes: Sequence[Size] | None = None,
@@ -241,93 +298,16 @@ class FluxAdapter(FlowAdapter):
 
 
 FLOW_FAMILIES: dict[str, type[FlowAdapter]] = {"sd3": SD3Adapter, "flux": FluxAdapter}
-T5_MAX_LENGTH = {"sd3": 256, "flux": 512}
-"""The pipelines' default ``max_sequence_length`` (StableDiffusion3Pipeline 256, FluxPipeline 512)."""
+"""The flow-matching adapters by family name."""
 
 
-def flow_family_of(class_name: str) -> str | None:
-    """``sd3`` / ``flux`` for a pipeline class name of model_index.json (``StableDiffusion3*``, ``Flux*``)."""
-    if class_name.startswith("StableDiffusion3"):
-        return "sd3"
-    if class_name.startswith("Flux"):
-        return "flux"
-    return None
+def _get(config: Any, key: str) -> Any:
+    return config[key] if isinstance(config, dict) else getattr(config, key)
 
 
 def training_sigmas(scheduler: Any) -> Tensor:
     """The scheduler's training sigmas in ascending order (``sigmas[t]``, ``t = 0 .. T-1``)."""
     return scheduler.sigmas.float().flip(0).clone()
-
-
-def make_flow_adapter(family: str, *, unet: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
-                      scheduler: Any, resolution: int | None = None, source: str = "",
-                      unet_config: Any = None) -> FlowAdapter:
-    """An adapter over built components; ``scheduler`` is the pipeline's ``FlowMatchEulerDiscreteScheduler``
-    (rebuilt from its config, so a pipeline's ``set_timesteps`` does not matter)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sigmas = training_sigmas(FlowMatchEulerDiscreteScheduler.from_config(scheduler.config))
-    if resolution is None:
-        resolution = flow_resolution(family, vae.config, unet_config if unet_config is not None else unet.config)
-    abar = (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2)
-    t5 = tokenizers[-1]
-    max_len = min(T5_MAX_LENGTH[family], int(getattr(t5, "model_max_length", T5_MAX_LENGTH[family])))
-    return FLOW_FAMILIES[family](
-        unet=unet, vae=vae, text_encoders=list(text_encoders), tokenizers=list(tokenizers), alphas_cumprod=abar,
-        prediction_type="flow", resolution=resolution, source=source, sigmas=sigmas, max_sequence_length=max_len)
-
-
-def flow_resolution(family: str, vae_config: Any, transformer_config: Any) -> int:
-    """SD3: the transformer's ``sample_size`` times the VAE factor (128 x 8 = 1024); FLUX, whose
-    transformer has no size, the VAE's ``sample_size`` (1024 for FLUX.1)."""
-    def get(cfg: Any, key: str) -> Any:
-        return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
-
-    if family == "sd3":
-        return int(get(transformer_config, "sample_size")) * 2 ** (len(get(vae_config, "block_out_channels")) - 1)
-    return int(get(vae_config, "sample_size"))
-
-
-def load_flow_family(model: str, name: str, *, vae: str | None, unet: str | None, revision: str | None,
-                     variant: str | None, dtype: torch.dtype, with_unet: bool) -> FlowAdapter:
-    """The components of a ``StableDiffusion3Pipeline`` / ``FluxPipeline`` folder or hub id (see ``load_family``)."""
-    import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
-
-    from smpo.models.family import _transformers_dtype_kwarg, diffusers_dtype_kwarg
-
-    cls = FLOW_FAMILIES[name]
-    network_cls = getattr(diffusers, cls.network_class)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
-    if not with_unet:
-        network, network_config = None, network_cls.load_config(model, subfolder="transformer", revision=revision)
-    else:
-        repo, sub = (model, "transformer") if unet is None else (unet, _network_subfolder(unet))
-        network = network_cls.from_pretrained(repo, subfolder=sub, revision=revision, variant=variant,
-                                              **diffusers_dtype_kwarg(dtype))
-        network_config = network.config
-    vae_repo, vae_sub = (str(vae), None) if vae is not None else (model, "vae")
-    vae_model = AutoencoderKL.from_pretrained(vae_repo, subfolder=vae_sub, revision=revision,
-                                              variant=None if vae is not None else variant, **diffusers_dtype_kwarg(dtype))
-    text = _transformers_dtype_kwarg(dtype)
-
-    def load(kind: Any, sub: str) -> Any:
-        return kind.from_pretrained(model, subfolder=sub, revision=revision, variant=variant, **text)
-
-    if name == "sd3":
-        subs = ("tokenizer", "tokenizer_2", "tokenizer_3")
-        encoders = [load(CLIPTextModelWithProjection, "text_encoder"), load(CLIPTextModelWithProjection, "text_encoder_2"),
-                    load(T5EncoderModel, "text_encoder_3")]
-    else:
-        subs = ("tokenizer", "tokenizer_2")
-        encoders = [load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2")]
-    tokenizers = [AutoTokenizer.from_pretrained(model, subfolder=sub, revision=revision) for sub in subs]
-    for module in [m for m in (network, vae_model, *encoders) if m is not None]:
-        module.requires_grad_(False)
-        module.eval()
-    return make_flow_adapter(name, unet=network, vae=vae_model, text_encoders=encoders, tokenizers=tokenizers,
-                             scheduler=scheduler, source=model, unet_config=network_config)
 
 
 def _network_subfolder(path: str | os.PathLike) -> str | None:

@@ -65,13 +65,6 @@ _TEXT: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_resolution(family: Family, preset: Preset) -> int:
-    """Pixel resolution that matches the preset's UNet sample size."""
-    if preset == "tiny":
-        return 32 if family in FLOW_FAMILIES else 16
-    return 512 if family == "sd15" else 1024
-
-
 def make_char_tokenizer(folder: str | Path, *, model_max_length: int = 77):
     """A ``CLIPTokenizer`` over single bytes (no merges), made offline and saved to ``folder``."""
     from tokenizers import pre_tokenizers
