@@ -10,7 +10,7 @@ import torch
 
 from smpo.cli import main
 from smpo.train import TrainConfig, load_config
-from smpo.train.loop import make_optimizer, warmup_factor
+from smpo.train.setup import make_optimizer, warmup_factor
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
