@@ -21,7 +21,6 @@ each process trains its share of every optimizer step's pairs (``smpo.train.data
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import time
@@ -43,7 +42,7 @@ from smpo.train.checkpoint import (
 )
 from smpo.train.config import TrainConfig, dump_config
 from smpo.train.data import Layout
-from smpo.train.setup import TrainingSetup, load_model, make_accelerator, prepare_training
+from smpo.train.setup import TrainingSetup, load_model, make_accelerator, prepare_training, resolve_config
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -81,9 +80,7 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None) -> TrainR
     ``on_step(step, metrics)`` is called on every process after each optimizer step (step counts
     from 1); an exception it raises stops the run there (tests use it to kill a run).
     """
-    config.validate()
-    # The method's defaults filled in (beta, noising, labels): what is saved is what was run.
-    config = dataclasses.replace(config, objective=config.objective.resolved())
+    config = resolve_config(config)
     accelerator = make_accelerator(config)
     run_dir = _prepare_run_dir(config, accelerator)
     torch.manual_seed(config.run.seed)  # same initial LoRA weights on every process

@@ -7,6 +7,7 @@ runs with :func:`prepare_training`, so the benchmark times what users run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ class TrainingSetup:
     """The optimizer, prepared by accelerate."""
     scheduler: torch.optim.lr_scheduler.LambdaLR
     """The learning-rate schedule (not prepared: accelerate would step it once per process)."""
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """``config`` checked (``TrainConfig.validate``) with its method's defaults filled in (beta,
+    noising, labels): what is saved is what was run."""
+    config.validate()
+    return dataclasses.replace(config, objective=config.objective.resolved())
 
 
 def prepare_training(config: TrainConfig, accelerator: Any, family: Any) -> TrainingSetup:
