@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,10 +146,12 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
     evals_before = family.unet_evals
     passes = layout.accumulation
     epoch = layout.epoch_of(step)
-    sums: dict[str, torch.Tensor] = {}
+    names: list[str] = []
+    sums: torch.Tensor | float = 0.0  # the loss and the metrics, stacked: one reduce and one sync a step
     grad_norm = None
     lr = scheduler.get_last_lr()[0]
-    policy.train()
+    if not policy.training:  # (a walk over every module: skipped when nothing switched it off)
+        policy.train()
     # KTO's reference point is a mean over all processes' batches of a pass (compute_loss).
     reduce_mean = functools.partial(accelerator.reduce, reduction="mean") if accelerator.num_processes > 1 else None
     for micro in range(passes):
@@ -158,26 +161,26 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
             out = compute_loss(family, policy, setup.reference, batch, config.objective,
                                mean_over_processes=reduce_mean)
             accelerator.backward(out.loss)
-            for name, value in {"loss": out.loss, **out.metrics}.items():
-                value = torch.as_tensor(value, device=accelerator.device).detach().float()
-                sums[name] = sums.get(name, 0.0) + value / passes
+            values = {"loss": out.loss, **out.metrics}
+            names = list(values)
+            stacked = torch.stack([torch.as_tensor(v, device=accelerator.device).detach().float() for v in values.values()])
+            sums = sums + stacked / passes
             if micro < passes - 1:
                 continue
-            means = {name: accelerator.reduce(value, reduction="mean") for name, value in sums.items()}
-            if not torch.isfinite(means["loss"]):
+            means = dict(zip(names, accelerator.reduce(sums, reduction="mean").tolist()))
+            if not math.isfinite(means["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 last = latest_checkpoint(Path(config.run.output_dir))
-                raise NonFiniteLossError(f"the loss is {means['loss'].item()} at step {step + 1}; stopped before "
+                raise NonFiniteLossError(f"the loss is {means['loss']} at step {step + 1}; stopped before "
                                          f"its optimizer step. Last good checkpoint: {last or 'none yet'}")
             if config.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(policy.parameters(), config.optim.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(setup.parameters, config.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
     record = {"step": step + 1, "epoch": epoch, "lr": lr, "pairs_per_s": layout.global_batch / seconds,
-              "seconds": seconds, "unet_evals": float(family.unet_evals - evals_before),
-              **{name: float(value) for name, value in means.items()}}
+              "seconds": seconds, "unet_evals": float(family.unet_evals - evals_before), **means}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
     return record

@@ -43,6 +43,8 @@ class TrainingSetup:
     """The optimizer, prepared by accelerate."""
     scheduler: torch.optim.lr_scheduler.LambdaLR
     """The learning-rate schedule (not prepared: accelerate would step it once per process)."""
+    parameters: list[torch.nn.Parameter]
+    """The prepared policy's parameters, listed once (gradient clipping reads them every step)."""
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -75,7 +77,8 @@ def prepare_training(config: TrainConfig, accelerator: Any, family: Any) -> Trai
     # The scheduler is NOT prepared: accelerate would step it once per process per step.
     accelerator.register_for_checkpointing(scheduler)
     return TrainingSetup(config=config, accelerator=accelerator, family=family, policy=policy, reference=reference,
-                         pairs=pairs, layout=layout, optimizer=optimizer, scheduler=scheduler)
+                         pairs=pairs, layout=layout, optimizer=optimizer, scheduler=scheduler,
+                         parameters=list(policy.parameters()))
 
 
 
