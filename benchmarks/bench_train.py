@@ -91,6 +91,9 @@ inversion is DDIM-only, and no authors' script exists for them."""
 BARE_FAMILIES = ("sd15",)
 """Families the bare DPO step is written for (one text encoder, epsilon prediction, no added conditioning)."""
 PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``cpu``: the seconds this process computed, blind to the time a shared machine's other jobs take
+from it (meaningful on the CPU with ``--threads 1``; on a GPU use ``wall``)."""
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Settings:
     seed: int = 0
     floor: bool = True  # measure the SmPO rows' floor and every row's bare step between its steps
     resolution: int | None = None  # pixels; default the preset's
+    clock: str = "wall"  # wall: time.perf_counter; cpu: this process's CPU time (time.process_time)
 
 
 @dataclass
@@ -307,8 +311,8 @@ class CallTimer:
     """
 
     def __init__(self, networks: list[torch.nn.Module], encoders: list[torch.nn.Module], optimizer: Any,
-                 device: torch.device):
-        self.device, self.recording, self.timers = device, True, Timers()
+                 device: torch.device, clock: Any = time.perf_counter):
+        self.device, self.clock, self.recording, self.timers = device, clock, True, Timers()
         self.nograd_calls: dict[int, int] = {}
         self._start = 0.0
         self._grad_end: float | None = None  # end of the last forward call with gradients
@@ -325,7 +329,7 @@ class CallTimer:
 
     def _now(self) -> float:
         _sync(self.device)
-        return time.perf_counter()
+        return self.clock()
 
     def _begin(self, module: Any, args: tuple, kwargs: dict) -> None:
         if self.recording:
@@ -430,7 +434,8 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
     reference = setup.reference
     networks = [fam.unet] + ([reference] if isinstance(reference, torch.nn.Module) else [])
     encoders = [getattr(fam.vae, "encoder", fam.vae), *fam.text_encoders] if source == "images" else []
-    timer = CallTimer(networks, encoders, getattr(setup.optimizer, "optimizer", setup.optimizer), device)
+    clock = CLOCKS[settings.clock]
+    timer = CallTimer(networks, encoders, getattr(setup.optimizer, "optimizer", setup.optimizer), device, clock)
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.run.mixed_precision)
     autocast = torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None)
     steps = settings.steps * settings.pairs_per_step // per_step
@@ -441,10 +446,10 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
     def timed_step(step: int, run: TrainingSetup) -> tuple[float, float]:
         """One training step of ``run``; (seconds, loss)."""
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         record = train_step(run, step)
         _sync(device)
-        return time.perf_counter() - start, record["loss"]
+        return clock() - start, record["loss"]
 
     def frozen_call(size: int) -> float:
         """Seconds of one no-grad call of the frozen network on ``size`` latents."""
@@ -453,10 +458,10 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
         t = torch.randint(0, fam.num_timesteps, (size,), generator=g).to(device)
         with torch.no_grad(), autocast:
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             fam.unet_output(reference, x, t, cond.index([0] * size))  # type: ignore[union-attr]
             _sync(device)
-        return time.perf_counter() - start
+        return clock() - start
 
     bare = settings.floor and settings.family in BARE_FAMILIES
     if bare:
@@ -478,7 +483,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
         latents = torch.randn(2 * per_step, *latent_shape, generator=g).to(device)
         pixels = torch.rand(2 * per_step, 3, r, r, generator=g).mul(2).sub(1).to(device)
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         states = text
         if source == "images":
             with torch.no_grad():
@@ -486,7 +491,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
         bare_dpo_step(policy_network, bare_reference, bare_optimizer, bare_params, latents, states, alphas,
                       beta=5000.0, max_grad_norm=config.optim.max_grad_norm or 1.0, autocast=autocast, generator=g)
         _sync(device)
-        return time.perf_counter() - start
+        return clock() - start
 
     last_loss = float("nan")
     step_times: list[float] = []
@@ -593,7 +598,7 @@ def _settings(args: argparse.Namespace, family: str) -> Settings:
     return Settings(preset=args.preset, family=family, device=args.device, dtype=args.dtype,
                     gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, warmup=args.warmup,
                     pairs_per_step=args.pairs_per_step, lora_rank=args.lora_rank, optimizer=args.optimizer,
-                    seed=args.seed, floor=not args.no_floor, resolution=args.resolution)
+                    seed=args.seed, floor=not args.no_floor, resolution=args.resolution, clock=args.clock)
 
 
 def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str, source: str) -> dict[str, Any]:
@@ -607,6 +612,7 @@ def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str,
                    "--methods", method, "--modes", mode, "--sources", source, "--no-isolate", "--row-out", str(out)]
         if args.resolution:
             command += ["--resolution", str(args.resolution)]
+        command += ["--clock", args.clock]
         if args.threads:
             command += ["--threads", str(args.threads)]
         if args.gradient_checkpointing:
@@ -645,7 +651,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Command: `{env['command']}`", "",
              f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}; "
              f"dtype {results['dtype']}, gradient checkpointing {results['gradient_checkpointing']}, "
-             f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up.", "",
+             f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up, "
+             f"{results.get('clock', 'wall')} clock.", "",
              "| family | mode | method | source | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
              "peak memory (GiB) | time outside UNet+optimizer | bare s/pair | x bare (quartiles) | floor s/pair | "
              "x floor | x full-batch floor | x DPO (same process) |",
@@ -727,6 +734,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "adafactor", "adamw8bit"],
                         help="optim.optimizer of the rows; auto: AdamW, Adafactor for SDXL")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                        help="wall (default) or cpu: this process's CPU time, for a shared CPU machine with --threads 1")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the SmPO rows' floor (a DPO step and a replay of the inversion after each step) "
@@ -755,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.device.split(':')[0]}-{args.preset}.json")
     results: dict[str, Any] = {"preset": args.preset, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+                               "clock": args.clock,
                                "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
                                "environment": environment(args), "rows": []}
     for family in families:
