@@ -2,8 +2,15 @@
 
 A script, not a test. For one architecture preset (``tiny``, ``sd15``, ``sdxl``: diffusers models
 built from their configs with random weights, no download) it times an optimizer step of every
-method, full fine-tuning and LoRA, and writes the results as JSON plus a markdown table, row by
-row (a crash keeps the finished rows).
+method, full fine-tuning and LoRA, from a ``smpo cache`` folder and from images, and writes the
+results as JSON plus a markdown table, row by row (a crash keeps the finished rows).
+
+Every row is a ``smpo train`` run: its ``TrainConfig`` is built here, the run is set up by the
+training code (``smpo.train.setup.prepare_training``) and each step is the training loop's own
+``smpo.train.loop.train_step``, reading a small labelled dataset the script writes (random images)
+or the cache ``smpo cache``'s ``build_cache`` makes of it (untimed, before the row). The network
+calls are timed and counted from outside, with torch module hooks on the networks and encoders
+and step hooks on the optimizer; nothing of the training code is replaced.
 
 Rows:
 
@@ -11,21 +18,22 @@ Rows:
   renoise iteration, 5 grid steps for SD1.5 and 10 for SDXL), inverting with the policy.
 - ``smpo-land-on-t``: the same with the inversion ending exactly at ``t`` (the paper's Eq. 13).
 - ``smpo-cached``, ``smpo-land-on-t-cached``: the same two with the reference inverting and its
-  inversion read from the cache (``smpo cache --store-inversion``, ``data.cached_inversion``): the
-  stored levels are computed before each step, untimed, as the cache would hold them.
+  inversion read from the cache (``smpo cache --store-inversion``, ``data.cached_inversion``; no
+  random flip or dropped prompt, so every image has its stored inversion). Cache rows only.
 - ``dpo``, ``kto``, ``mapo``, ``sft``: the baselines (forward noising). KTO's pair is its two images.
-- ``authors-recipe`` (full mode only): what the authors' script does each step: one pair, the VAE
-  and the text encoder run every step, two full UNets (trainable policy + separate frozen
-  reference), inversion by the policy on their grid with one renoise iteration.
+- ``authors-recipe`` (full mode, images only): what the authors' script does each step: one pair,
+  the VAE (posterior sample) and the text encoder every step, two full UNets (trainable policy +
+  frozen reference), inversion by the policy on their grid with one renoise iteration.
 
-Our rows read latents and text conditioning as ``smpo cache`` stores them (random tensors of the
-right shapes: loading them is not timed), take ``--pairs-per-step`` pairs per step, and use the
-adapters-off view of the same UNet as the LoRA reference. The authors' row runs the same number of
-pairs, one per step, with the same per-pair seeds (so the same timesteps).
+Each SD1.5 row is also timed against the **bare DPO step** (:func:`bare_dpo_step`): the arithmetic
+of a Diffusion-DPO step written plainly (one policy and one reference call on the 2B winner and
+loser latents, the loss, backward, gradient clipping, AdamW), plus, for rows from images, the VAE
+and text-encoder calls (:func:`bare_encode`); it runs right after each of the row's timed steps in
+the same process, and ``x bare`` is the median over steps of the per-step ratio.
 
 Memory: ``torch.cuda.max_memory_allocated`` on GPU (reset per row); on the CPU the peak resident
 set size of a fresh process per row (``--isolate``, the default there), which includes building
-the model.
+the model and the row's cache. Use ``--no-floor`` for memory figures (no floor, no bare step).
 
 Examples::
 
@@ -37,8 +45,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import gc
+import io
 import json
 import math
 import os
@@ -54,27 +63,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # run from a checkout without installing smpo
     sys.path.insert(0, str(ROOT / "src"))
 
-from smpo.io import atomic_path, resolve_dtype, write_json  # noqa: E402
-from smpo.models import (  # noqa: E402
-    Conditioning,
-    FamilyAdapter,
-    add_lora,
-    has_lora,
-    lora_parameters,
-    make_adapter,
-    reference_view,  # noqa: E402
-)
-from smpo.objective import ObjectiveConfig, PairBatch, compute_loss  # noqa: E402
+from smpo.io import atomic_path, model_identity, write_json  # noqa: E402
+from smpo.models import FamilyAdapter, make_adapter  # noqa: E402
+from smpo.objective import ObjectiveConfig  # noqa: E402
+from smpo.train.config import TrainConfig  # noqa: E402
+from smpo.train.loop import train_step  # noqa: E402
+from smpo.train.setup import TrainingSetup, make_accelerator, prepare_training, resolve_config  # noqa: E402
 
 METHODS = ("smpo", "smpo-land-on-t", "smpo-cached", "smpo-land-on-t-cached", "dpo", "kto", "mapo", "sft",
            "authors-recipe")
 SMPO_ROWS = ("smpo", "smpo-land-on-t", "smpo-cached", "smpo-land-on-t-cached")
 MODES = ("full", "lora")
+SOURCES = ("cache", "images")
 AUTHORS_GRID = {"sd15": 5, "sdxl": 10, "sd3": 10, "flux": 10}  # the inversion grid per family (ALGORITHM.md
 # section 6; SD3/FLUX: their recipes' 10-step Euler grid)
 PRESET_FAMILIES = {"tiny": ("sd15", "sdxl", "sd3", "flux"), "sd15": ("sd15",), "sdxl": ("sdxl",)}
@@ -82,7 +88,12 @@ FLOW = ("sd3", "flux")
 FLOW_ROWS = ("smpo", "dpo", "kto", "mapo", "sft")
 """Rows of the flow families: their inversion always lands on s (no land-on-t variant), the cached
 inversion is DDIM-only, and no authors' script exists for them."""
-PROMPT = "a photograph of an astronaut riding a horse on the moon"
+BARE_FAMILIES = ("sd15",)
+"""Families the bare DPO step is written for (one text encoder, epsilon prediction, no added conditioning)."""
+PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``cpu``: the seconds this process computed, blind to the time a shared machine's other jobs take
+from it (meaningful on the CPU with ``--threads 1``; on a GPU use ``wall``)."""
 
 
 @dataclass
@@ -98,7 +109,9 @@ class Settings:
     lora_rank: int
     optimizer: str
     seed: int = 0
-    floor: bool = True  # measure the SmPO rows' floor between their steps
+    floor: bool = True  # measure the SmPO rows' floor and every row's bare step between its steps
+    resolution: int | None = None  # pixels; default the preset's
+    clock: str = "wall"  # wall: time.perf_counter; cpu: this process's CPU time (time.process_time)
 
 
 @dataclass
@@ -106,6 +119,8 @@ class Timers:
     total: float = 0.0
     unet_forward: float = 0.0
     backward: float = 0.0
+    """From the end of the policy's forward call to the optimizer step, less the network calls in
+    between (the reference's): the loss, the backward pass and gradient clipping."""
     optimizer: float = 0.0
     encode: float = 0.0
 
@@ -116,6 +131,7 @@ class Row:
     preset: str
     mode: str
     method: str
+    source: str
     pairs_per_step: int
     pairs: int
     seconds_per_pair: float
@@ -140,6 +156,13 @@ class Row:
     full_batch_floor_ratio: float = float("nan")
     dpo_ratio: float = float("nan")
     """SmPO rows: the median over timed steps of (step time / the DPO step run right after it)."""
+    bare_seconds_per_pair: float = float("nan")
+    """SD1.5 rows: the median bare DPO step (plus the VAE and text encoder for rows from images) of
+    the row's batch size, run right after each of its timed steps, per pair."""
+    bare_ratio: float = float("nan")
+    """The median over timed steps of (step time / the bare step run right after it)."""
+    bare_ratio_quartiles: list[float] = field(default_factory=list)
+    """The first and third quartiles of those per-step ratios (their spread)."""
     nograd_calls: dict[int, int] = field(default_factory=dict)
     """The timed steps' no-grad UNet calls (inversion and reference), counted by batch size."""
     frozen_call_seconds: dict[int, float] = field(default_factory=dict)
@@ -148,7 +171,7 @@ class Row:
 
 
 # --------------------------------------------------------------------------------------------
-# Setup
+# The row's model, data and run
 
 
 def _sync(device: torch.device) -> None:
@@ -157,7 +180,8 @@ def _sync(device: torch.device) -> None:
 
 
 def build_family(family: str, preset: str, device: torch.device, seed: int) -> FamilyAdapter:
-    """The preset pipeline built directly on ``device`` (random init there is fast), as an adapter."""
+    """The preset pipeline built directly on ``device`` (random init there is fast), as an adapter,
+    with its modules frozen as ``smpo.models.load_family`` leaves them."""
     from smpo.models.presets import build_pipeline
 
     with torch.device(device):
@@ -185,258 +209,363 @@ def objective_for(method: str, family: str) -> ObjectiveConfig:
     return ObjectiveConfig(method=method)
 
 
-def _optimizer(name: str, params: list[torch.nn.Parameter], family: str) -> torch.optim.Optimizer:
-    if name == "auto":
-        name = "adafactor" if family == "sdxl" else "adamw"
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-8)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
+def write_dataset(folder: Path, num_pairs: int, resolution: int, seed: int) -> Path:
+    """``num_pairs`` pairs of random JPEGs (``resolution`` px) and captions in the ``smpo label`` schema."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
 
-        return Adafactor(params, lr=1e-8, scale_parameter=False, relative_step=False, warmup_init=False)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-8)
-    raise ValueError(f"unknown optimizer {name!r}; choose from auto, adamw, adafactor, sgd")
+    rng = np.random.default_rng(seed)
 
+    def jpeg() -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(out, format="JPEG")
+        return out.getvalue()
 
-def _prepare_networks(fam: FamilyAdapter, mode: str, dtype: torch.dtype, checkpointing: bool,
-                      lora_rank: int) -> tuple[Any, Any]:
-    """The policy and reference of a row. Full: the fp32 UNet trains, a ``dtype`` copy is the reference.
-    LoRA: the UNet in ``dtype`` with fp32 adapters; the reference is its adapters-off view."""
-    unet = fam.unet
-    if mode == "full":
-        if has_lora(unet):
-            raise RuntimeError("full-mode rows must run before LoRA rows (the UNet already has adapters)")
-        unet.to(torch.float32).requires_grad_(True)
-        reference = copy.deepcopy(unet).to(dtype).requires_grad_(False)
-    else:
-        if not has_lora(unet):
-            unet.requires_grad_(False)
-            if unet.dtype != dtype:
-                unet.to(dtype)
-            add_lora(unet, rank=lora_rank)
-        reference = reference_view(unet)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    return unet, reference
+    rows = [{"pair_id": f"p{i:04d}", "caption": f"a photograph of an astronaut riding a horse, number {i}",
+             "jpg_0": jpeg(), "jpg_1": jpeg(), "label_0": float(i % 2 == 0), "winner": 0 if i % 2 == 0 else 1,
+             "score_0": 0.3, "score_1": 0.2, "p_win": 0.65} for i in range(num_pairs)]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "shard-00000.parquet")
+    return folder
 
 
-def _cached_batch(shape: tuple[int, int], cond: Conditioning, seeds: list[int], device: torch.device,
-                  generator: torch.Generator) -> PairBatch:
-    """A batch as read from ``smpo cache``: fp16 latents and conditioning, moved to the device."""
-    (c, s), n = shape, len(seeds)
-    latents = torch.randn(2, n, c, s, s, generator=generator).half().to(device)
-    return PairBatch(latents_w=latents[0].float(), latents_l=latents[1].float(),
-                     cond=cond.index([0] * n).to(device), p_win=torch.full((n,), 0.65, device=device), seeds=seeds)
+class RowData:
+    """The labelled datasets of a process's rows and the caches made of them, each made once, untimed."""
+
+    def __init__(self, folder: Path, num_pairs: int, seed: int):
+        self.folder, self.num_pairs, self.seed = folder, num_pairs, seed
+        self.datasets: dict[int, Path] = {}
+        self.caches: dict[Any, Path] = {}
+
+    def dataset(self, resolution: int) -> Path:
+        """The pairs as images of ``resolution`` px (what the rows train at)."""
+        if resolution not in self.datasets:
+            self.datasets[resolution] = write_dataset(self.folder / f"dataset-{resolution}", self.num_pairs,
+                                                      resolution, self.seed)
+        return self.datasets[resolution]
+
+    def cache(self, fam: FamilyAdapter, inversion: Any = None) -> Path:
+        """``smpo cache`` of the dataset for ``fam`` (its initial network inverting when ``inversion``)."""
+        from smpo.data.cache import build_cache
+
+        key = (fam.name, fam.resolution, inversion)
+        if key not in self.caches:
+            folder = self.folder / f"cache-{len(self.caches)}"
+            build_cache(self.dataset(fam.resolution), folder, fam, model=inversion.unet if inversion else "",
+                        progress=False, inversion=inversion)
+            self.caches[key] = folder
+        return self.caches[key]
 
 
-def _authors_batch(fam: FamilyAdapter, seed: int, device: torch.device, generator: torch.Generator,
-                   timers: Timers) -> PairBatch:
-    """One pair encoded from pixels and text at this step, as the authors' script does."""
-    _sync(device)
-    start = time.perf_counter()
-    r = fam.resolution
-    pixels = torch.rand(2, 3, r, r, generator=generator).mul(2).sub(1).to(device)
-    latents = fam.encode_images(pixels, sample=True)
-    cond = fam.encode_prompts([PROMPT])
-    _sync(device)
-    timers.encode += time.perf_counter() - start
-    return PairBatch(latents_w=latents[:1], latents_l=latents[1:], cond=cond,
-                     p_win=torch.full((1,), 0.65, device=device), seeds=[seed])
+def row_config(settings: Settings, method: str, mode: str, source: str, data: RowData,
+               fam: FamilyAdapter) -> TrainConfig:
+    """The ``smpo train`` config of a row (resolved as ``train`` resolves it)."""
+    from smpo.data.cache import InversionSpec
 
-
-def _store_inversion(fam: FamilyAdapter, reference: Any, batch: PairBatch, cfg: ObjectiveConfig) -> None:
-    """Attach the reference's inversion at the grid levels as ``smpo cache --store-inversion``
-    computes and stores it (``smpo.data.cache.invert_images``, fp16)."""
-    from smpo.data.cache import InversionSpec, invert_images
-
-    spec = InversionSpec(unet="the row's reference", steps=cfg.inversion_steps, renoise_iters=cfg.effective_renoise_iters,
-                         land_on_t=cfg.land_on_t, guidance=cfg.inversion_guidance)
-    batch.inverted_w, batch.inverted_l = (
-        invert_images(fam, x0, batch.cond, spec, x0.shape[0], network=reference).half().float().to(x0.device)
-        for x0 in (batch.latents_w, batch.latents_l))
-
-
-def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, free_encoders: bool = False) -> Row:
-    """Time one (method, mode) row. ``free_encoders``: drop the VAE and text encoders for rows that
-    read the cache (a one-row process measuring its peak RSS)."""
-    device = torch.device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
     authors = method == "authors-recipe"
-    cfg = objective_for(method, settings.family)
-    text_modules = [fam.vae, *fam.text_encoders]
-    for module in text_modules:  # our rows read the cache: the VAE and text encoders stay off the device
-        module.to(device if authors else "cpu")
-    cond = fam.encode_prompts([PROMPT]) if not authors else None
-    latent_shape = (fam.latent_channels, fam.latent_size)
-    if not authors and free_encoders:
-        # (a flow adapter reads its VAE's config for the latent size and FLUX's packing: keep that)
-        fam.vae, fam.text_encoders = (fam.vae if settings.family in FLOW else None), []
-        del text_modules
-        gc.collect()
-    policy, reference = _prepare_networks(fam, mode, dtype, settings.gradient_checkpointing, settings.lora_rank)
-    params = [p for p in policy.parameters() if p.requires_grad] if mode == "full" else lora_parameters(policy)
-    optimizer = _optimizer(settings.optimizer, params, settings.family)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    timers = Timers()
+    config = TrainConfig(objective=objective_for(method, settings.family))
+    config.model.pretrained, config.model.family = f"preset {settings.preset}", settings.family
+    config.model.finetune, config.model.lora_rank = mode, settings.lora_rank  # type: ignore[assignment]
+    config.model.gradient_checkpointing = settings.gradient_checkpointing
+    optimizer = settings.optimizer if settings.optimizer != "auto" else "adafactor" if settings.family == "sdxl" else "adamw"
+    config.optim.optimizer = optimizer  # type: ignore[assignment]
+    config.optim.batch_size = 1 if authors else settings.pairs_per_step
+    config.optim.gradient_accumulation_steps, config.optim.warmup_steps = 1, 0
+    config.optim.max_steps = 10**9
+    config.run.output_dir, config.run.seed = str(data.folder / "run"), settings.seed
+    config.run.mixed_precision, config.run.progress = PRECISION[settings.dtype], False  # type: ignore[assignment]
+    config.data.resolution = settings.resolution
+    if source == "images":
+        config.data.dataset, config.data.vae_sample = str(data.dataset(fam.resolution)), authors
+    else:
+        cached = method.endswith("-cached")
+        objective = config.objective.resolved()
+        spec = InversionSpec(unet=model_identity(config.model.pretrained), steps=objective.inversion_steps,
+                             renoise_iters=objective.effective_renoise_iters, land_on_t=objective.land_on_t,
+                             guidance=objective.inversion_guidance) if cached else None
+        config.data.cache, config.data.cached_inversion = str(data.cache(fam, spec)), cached
+        if cached:  # every image then has its stored inversion (a flip or a dropped prompt is inverted live)
+            config.data.random_flip, config.data.empty_prompt_rate = False, 0.0
+    return resolve_config(config)
 
-    original_unet_output = fam.unet_output
-    original_velocity = getattr(fam, "velocity", None)  # flow families invert through it (float levels)
-    nograd_calls: dict[int, int] = {}  # the step's no-grad UNet calls by batch size
-    recording = [True]
-    inside = [False]  # within a timed call (a flow family's unet_output calls its velocity: count once)
 
-    def timed(call: Any) -> Any:
-        """``call`` (the adapter's unet_output or velocity) timed and counted while recording."""
-        def wrapper(network: Any, x: torch.Tensor, level: torch.Tensor, c: Conditioning) -> torch.Tensor:
-            if not recording[0] or inside[0]:
-                return call(network, x, level, c)
-            if not torch.is_grad_enabled():
-                nograd_calls[x.shape[0]] = nograd_calls.get(x.shape[0], 0) + 1
-            _sync(device)
-            start = time.perf_counter()
-            inside[0] = True
-            try:
-                out = call(network, x, level, c)
-            finally:
-                inside[0] = False
-            _sync(device)
-            timers.unet_forward += time.perf_counter() - start
-            return out
+# --------------------------------------------------------------------------------------------
+# Timing from outside: module and optimizer hooks
 
-        return wrapper
 
-    fam.unet_output = timed(original_unet_output)  # type: ignore[method-assign]
-    if original_velocity is not None:
-        fam.velocity = timed(original_velocity)  # type: ignore[attr-defined]
-    per_step = 1 if authors else settings.pairs_per_step
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    first = next(v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor))
+    return int(first.shape[0])
+
+
+class CallTimer:
+    """Times and counts a step's network calls with torch hooks, without touching the training code.
+
+    Forward hooks on the denoising networks (the policy's module; in full mode also the frozen
+    reference copy; a LoRA reference view calls the policy's module) time each call and count
+    the no-grad ones by batch size; hooks on the VAE encoder and the text encoders time encoding;
+    the optimizer's step hooks time the optimizer step and, with the end of the policy's
+    forward call, the backward pass. Only while ``recording``.
+    """
+
+    def __init__(self, networks: list[torch.nn.Module], encoders: list[torch.nn.Module], optimizer: Any,
+                 device: torch.device, clock: Any = time.perf_counter):
+        self.device, self.clock, self.recording, self.timers = device, clock, True, Timers()
+        self.nograd_calls: dict[int, int] = {}
+        self._start = 0.0
+        self._grad_end: float | None = None  # end of the last forward call with gradients
+        self._after_grad = 0.0  # network seconds since then
+        self.handles = []
+        for module in networks:
+            self.handles += [module.register_forward_pre_hook(self._begin, with_kwargs=True),
+                             module.register_forward_hook(self._network_end, with_kwargs=True)]
+        for module in encoders:
+            self.handles += [module.register_forward_pre_hook(self._begin, with_kwargs=True),
+                             module.register_forward_hook(self._encoder_end, with_kwargs=True)]
+        self.handles += [optimizer.register_step_pre_hook(self._optimizer_begin),
+                         optimizer.register_step_post_hook(self._optimizer_end)]
+
+    def _now(self) -> float:
+        _sync(self.device)
+        return self.clock()
+
+    def _begin(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.recording:
+            self._start = self._now()
+
+    def _network_end(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self.recording:
+            return
+        end = self._now()
+        seconds = end - self._start
+        self.timers.unet_forward += seconds
+        if torch.is_grad_enabled():
+            self._grad_end, self._after_grad = end, 0.0
+        else:
+            size = _batch_size(args, kwargs)
+            self.nograd_calls[size] = self.nograd_calls.get(size, 0) + 1
+            self._after_grad += seconds
+
+    def _encoder_end(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.recording:
+            self.timers.encode += self._now() - self._start
+
+    def _optimizer_begin(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        if not self.recording:
+            return
+        self._start = self._now()
+        if self._grad_end is not None:
+            self.timers.backward += self._start - self._grad_end - self._after_grad
+        self._grad_end = None
+
+    def _optimizer_end(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        if self.recording:
+            self.timers.optimizer += self._now() - self._start
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# The bare DPO step, written plainly
+
+
+def bare_encode(fam: FamilyAdapter, pixels: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE (posterior mean) and text-encoder calls a step from images makes, plainly."""
+    vae, encoder, tokenizer = fam.vae, fam.text_encoders[0], fam.tokenizers[0]
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return latents.float(), encoder(ids.to(encoder.device))[0].float()
+
+
+def bare_dpo_step(unet: Any, reference: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                  latents: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor, *, beta: float,
+                  max_grad_norm: float, autocast: Any, generator: torch.Generator) -> float:
+    """A Diffusion-DPO step's arithmetic: one policy and one reference call on the 2B winner and
+    loser latents (shared t and noise per pair), the loss, backward, clipping, the optimizer step."""
+    n, device = latents.shape[0] // 2, latents.device
+    t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator).to(device).repeat(2)
+    noise = torch.randn((n, *latents.shape[1:]), generator=generator).to(device).repeat(2, 1, 1, 1)
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    states = text.repeat(2, 1, 1)
+    with autocast:
+        model = (unet(x_t, t, encoder_hidden_states=states).sample.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        with torch.no_grad():
+            ref = (reference(x_t, t, encoder_hidden_states=states).sample.float() - noise).pow(2).mean(dim=(1, 2, 3))
+    (model_w, model_l), (ref_w, ref_l) = model.chunk(2), ref.chunk(2)
+    loss = -F.logsigmoid(-0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# One row
+
+
+def _peak(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_rss_process"
+
+
+def _ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b)) if b else float("nan")
+
+
+def run_row(settings: Settings, method: str, mode: str, source: str, data: RowData) -> Row:
+    """Time one (method, mode, source) row: a fresh model, set up and stepped by the training code."""
+    device = torch.device(settings.device)
+    fam = build_family(settings.family, settings.preset, device, settings.seed)
+    if settings.resolution:
+        fam.resolution = settings.resolution  # as `smpo cache --resolution` sets it
+    config = row_config(settings, method, mode, source, data, fam)
+    accelerator = make_accelerator(config)
+    torch.manual_seed(config.run.seed)  # as `train` seeds before the setup (the LoRA weights)
+    setup = prepare_training(config, accelerator, fam)
+    per_step = config.optim.batch_size
+    reference = setup.reference
+    networks = [fam.unet] + ([reference] if isinstance(reference, torch.nn.Module) else [])
+    encoders = [getattr(fam.vae, "encoder", fam.vae), *fam.text_encoders] if source == "images" else []
+    clock = CLOCKS[settings.clock]
+    timer = CallTimer(networks, encoders, getattr(setup.optimizer, "optimizer", setup.optimizer), device, clock)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.run.mixed_precision)
+    autocast = torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None)
     steps = settings.steps * settings.pairs_per_step // per_step
     warmup = max(settings.warmup * settings.pairs_per_step // per_step, settings.warmup)
-    generator = torch.Generator().manual_seed(settings.seed)
+    latent_shape = (fam.latent_channels, fam.latent_size, fam.latent_size)
+    cond = fam.encode_prompts([""]).to(device) if settings.floor else None
 
-    def one_step(step: int, objective: ObjectiveConfig) -> tuple[float, float]:
-        """One optimizer step of ``objective``; (seconds, loss)."""
-        nonlocal timers
+    def timed_step(step: int, run: TrainingSetup) -> tuple[float, float]:
+        """One training step of ``run``; (seconds, loss)."""
         _sync(device)
-        start = time.perf_counter()
-        seeds = [settings.seed + step * per_step + i for i in range(per_step)]
-        if authors:
-            batch = _authors_batch(fam, seeds[0], device, generator, timers)
-        else:
-            batch = _cached_batch(latent_shape, cond, seeds, device, generator)  # type: ignore[arg-type]
-            if objective is cfg and method.endswith("-cached"):  # made by `smpo cache`, not by the step
-                mark, counters, was_recording = time.perf_counter(), (fam.unet_evals, fam.unet_calls), recording[0]
-                recording[0] = False
-                with autocast:
-                    _store_inversion(fam, reference, batch, cfg.resolved())
-                recording[0] = was_recording
-                fam.unet_evals, fam.unet_calls = counters
-                start += time.perf_counter() - mark
-        with autocast:
-            out = compute_loss(fam, policy, reference, batch, objective)
+        start = clock()
+        record = train_step(run, step)
         _sync(device)
-        mark = time.perf_counter()
-        out.loss.backward()
-        _sync(device)
-        backward = time.perf_counter() - mark
-        mark = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        if recording[0]:
-            timers.backward += backward
-            timers.optimizer += time.perf_counter() - mark
-            timers.total += time.perf_counter() - start
-        return time.perf_counter() - start, float(out.loss.detach())
+        return clock() - start, record["loss"]
 
     def frozen_call(size: int) -> float:
         """Seconds of one no-grad call of the frozen network on ``size`` latents."""
         g = torch.Generator().manual_seed(size)
-        x = torch.randn(size, latent_shape[0], latent_shape[1], latent_shape[1], generator=g).to(device)
+        x = torch.randn(size, *latent_shape, generator=g).to(device)
         t = torch.randint(0, fam.num_timesteps, (size,), generator=g).to(device)
-        c = cond.index([0] * size).to(device)  # type: ignore[union-attr]
         with torch.no_grad(), autocast:
             _sync(device)
-            start = time.perf_counter()
-            original_unet_output(reference, x, t, c)
+            start = clock()
+            fam.unet_output(reference, x, t, cond.index([0] * size))  # type: ignore[union-attr]
             _sync(device)
-        return time.perf_counter() - start
+        return clock() - start
+
+    bare = settings.floor and settings.family in BARE_FAMILIES
+    if bare:
+        policy_network = accelerator.unwrap_model(setup.policy)
+        bare_params = [p for p in policy_network.parameters() if p.requires_grad]
+        o = config.optim
+        bare_optimizer = torch.optim.AdamW(bare_params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                                           eps=o.adam_epsilon, weight_decay=o.weight_decay)
+        bare_reference = reference if reference is not None else policy_network
+        alphas = fam.alphas_cumprod.to(device)
+        captions = [f"a photograph of an astronaut riding a horse, number {i}" for i in range(per_step)]
+        with torch.no_grad():
+            text = fam.encode_prompts(captions).hidden_states.to(device)
+
+    def bare_step(step: int) -> float:
+        """Seconds of the bare DPO step (with the encoders for rows from images) of the row's batch size."""
+        g = torch.Generator().manual_seed(settings.seed + step)
+        r = fam.resolution
+        latents = torch.randn(2 * per_step, *latent_shape, generator=g).to(device)
+        pixels = torch.rand(2 * per_step, 3, r, r, generator=g).mul(2).sub(1).to(device)
+        _sync(device)
+        start = clock()
+        states = text
+        if source == "images":
+            with torch.no_grad():
+                latents, states = bare_encode(fam, pixels, captions)
+        bare_dpo_step(policy_network, bare_reference, bare_optimizer, bare_params, latents, states, alphas,
+                      beta=5000.0, max_grad_norm=config.optim.max_grad_norm or 1.0, autocast=autocast, generator=g)
+        _sync(device)
+        return clock() - start
 
     last_loss = float("nan")
     step_times: list[float] = []
     floors: list[float] = []
     full_batch_floors: list[float] = []
     dpo_times: list[float] = []
+    bare_times: list[float] = []
     call_times: dict[int, list[float]] = {}
     calls_total: dict[int, int] = {}
-    dpo_cfg = ObjectiveConfig(method="dpo")
+    dpo_run = dataclasses.replace(setup, config=dataclasses.replace(
+        config, objective=ObjectiveConfig(method="dpo").resolved()))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         for step in range(warmup + steps):
             if step == warmup:
                 fam.reset_counters()
-                timers = Timers()
+                timer.timers = Timers()
                 calls_total.clear()
-            nograd_calls.clear()
-            seconds, last_loss = one_step(step, cfg)
+            timer.nograd_calls.clear()
+            seconds, last_loss = timed_step(step, setup)
             if step < warmup:
                 continue
             step_times.append(seconds)
-            for size, n in nograd_calls.items():
+            timer.timers.total += seconds
+            for size, n in timer.nograd_calls.items():
                 calls_total[size] = calls_total.get(size, 0) + n
+            counters = (fam.unet_evals, fam.unet_calls)
+            timer.recording = False
+            if bare:
+                bare_times.append(bare_step(step))
             if method in SMPO_ROWS and settings.floor:
                 # The floor, interleaved with the row's steps in this process (the machine's speed
-                # drifts): a DPO step of the same batch size, and one frozen call of each size.
-                calls, counters = dict(nograd_calls), (fam.unet_evals, fam.unet_calls)
+                # drifts): a DPO step of the same batch, and one frozen call of each size.
+                calls = dict(timer.nograd_calls)
                 full = 2 * per_step
                 calls[full] = calls.get(full, 0) - 1  # the reference call of the loss, as in DPO
-                recording[0] = False
-                dpo_seconds, _ = one_step(step, dpo_cfg)
+                dpo_seconds, _ = timed_step(step, dpo_run)
                 replay = {size: [frozen_call(size) for _ in range(n)] for size, n in calls.items() if n > 0}
                 full_price = frozen_call(full)
-                recording[0] = True
-                fam.unet_evals, fam.unet_calls = counters
                 for size, values in replay.items():
                     call_times.setdefault(size, []).extend(values)
                 dpo_times.append(dpo_seconds)
                 floors.append(dpo_seconds + sum(sum(values) for values in replay.values()))
                 extra_evals = sum(size * n for size, n in calls.items())
                 full_batch_floors.append(dpo_seconds + extra_evals * full_price / full)
+            timer.recording = True
+            fam.unet_evals, fam.unet_calls = counters
     finally:
-        fam.unet_output = original_unet_output  # type: ignore[method-assign]
-        if original_velocity is not None:
-            del fam.velocity  # the class's method again
+        timer.remove()
     pairs = steps * per_step
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_rss_process"
+    peak, kind = _peak(device)
+    timers = timer.timers
     inside = timers.unet_forward + timers.backward + timers.optimizer
-    call_seconds = {size: statistics.median(v) for size, v in sorted(call_times.items())}
+    bare_ratios = [a / b for a, b in zip(step_times, bare_times)]
+    quartiles = statistics.quantiles(bare_ratios, n=4)[::2] if len(bare_ratios) > 1 else bare_ratios * 2
     row = Row(
-        family=settings.family, preset=settings.preset, mode=mode, method=method, pairs_per_step=per_step,
-        pairs=pairs, seconds_per_pair=statistics.median(step_times) / per_step,
+        family=settings.family, preset=settings.preset, mode=mode, method=method, source=source,
+        pairs_per_step=per_step, pairs=pairs, seconds_per_pair=statistics.median(step_times) / per_step,
         seconds_per_pair_mean=timers.total / pairs, unet_evals_per_pair=fam.unet_evals / pairs,
         unet_calls_per_pair=fam.unet_calls / pairs, peak_memory_gib=peak, memory_kind=kind,
         share_outside_unet=(timers.total - inside - timers.encode) / timers.total if timers.total else 0.0,
-        last_loss=last_loss, objective=asdict(cfg.resolved()),
+        last_loss=last_loss, objective=asdict(config.objective),
         timers={k: v / pairs for k, v in asdict(timers).items()},
         floor_seconds_per_pair=statistics.median(floors) / per_step if floors else float("nan"),
         full_batch_floor_seconds_per_pair=(statistics.median(full_batch_floors) / per_step
                                            if full_batch_floors else float("nan")),
-        nograd_calls=calls_total, frozen_call_seconds=call_seconds,
-        floor_ratio=statistics.median(a / b for a, b in zip(step_times, floors)) if floors else float("nan"),
-        full_batch_floor_ratio=(statistics.median(a / b for a, b in zip(step_times, full_batch_floors))
-                                if full_batch_floors else float("nan")),
-        dpo_ratio=statistics.median(a / b for a, b in zip(step_times, dpo_times)) if dpo_times else float("nan"),
+        nograd_calls=calls_total,
+        frozen_call_seconds={size: statistics.median(v) for size, v in sorted(call_times.items())},
+        floor_ratio=_ratio(step_times, floors), full_batch_floor_ratio=_ratio(step_times, full_batch_floors),
+        dpo_ratio=_ratio(step_times, dpo_times),
+        bare_seconds_per_pair=statistics.median(bare_times) / per_step if bare_times else float("nan"),
+        bare_ratio=_ratio(step_times, bare_times), bare_ratio_quartiles=quartiles,
     )
-    optimizer.state.clear()  # free the optimizer state before the next row (the closures keep the names)
-    params.clear()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -444,12 +573,16 @@ def run_row(fam: FamilyAdapter, settings: Settings, method: str, mode: str, *, f
 # Driver
 
 
-def _rows_to_run(args: argparse.Namespace, family: str) -> list[tuple[str, str]]:
+def _rows_to_run(args: argparse.Namespace, family: str) -> list[tuple[str, str, str]]:
     methods, modes = _split(args.methods, METHODS, "--methods"), _split(args.modes, MODES, "--modes")
-    rows = [(method, mode) for mode in MODES if mode in modes for method in methods
-            if not (method == "authors-recipe" and mode != "full") and (family not in FLOW or method in FLOW_ROWS)]
-    if "authors-recipe" in methods and "full" not in modes:
-        print("note: authors-recipe runs in full mode only (two full UNets); add --modes full", file=sys.stderr)
+    sources = _split(args.sources, SOURCES, "--sources")
+    rows = [(method, mode, source) for mode in MODES if mode in modes for method in methods for source in SOURCES
+            if source in sources and (family not in FLOW or method in FLOW_ROWS)
+            and not (method == "authors-recipe" and (mode != "full" or source != "images"))
+            and not (method.endswith("-cached") and source != "cache")]
+    if "authors-recipe" in methods and ("full" not in modes or "images" not in sources):
+        print("note: authors-recipe runs in full mode from images only; add --modes full --sources images",
+              file=sys.stderr)
     return rows
 
 
@@ -465,10 +598,10 @@ def _settings(args: argparse.Namespace, family: str) -> Settings:
     return Settings(preset=args.preset, family=family, device=args.device, dtype=args.dtype,
                     gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, warmup=args.warmup,
                     pairs_per_step=args.pairs_per_step, lora_rank=args.lora_rank, optimizer=args.optimizer,
-                    seed=args.seed, floor=not args.no_floor)
+                    seed=args.seed, floor=not args.no_floor, resolution=args.resolution, clock=args.clock)
 
 
-def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str) -> dict[str, Any]:
+def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str, source: str) -> dict[str, Any]:
     """Run one row in a fresh process (its peak RSS is the row's alone)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
@@ -476,7 +609,10 @@ def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str)
                    "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--pairs-per-step", str(args.pairs_per_step),
                    "--lora-rank", str(args.lora_rank), "--optimizer", args.optimizer, "--seed", str(args.seed),
-                   "--methods", method, "--modes", mode, "--no-isolate", "--row-out", str(out)]
+                   "--methods", method, "--modes", mode, "--sources", source, "--no-isolate", "--row-out", str(out)]
+        if args.resolution:
+            command += ["--resolution", str(args.resolution)]
+        command += ["--clock", args.clock]
         if args.threads:
             command += ["--threads", str(args.threads)]
         if args.gradient_checkpointing:
@@ -485,8 +621,14 @@ def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str)
             command.append("--no-floor")
         done = subprocess.run(command, check=False)
         if done.returncode != 0 or not out.exists():
-            return {"family": family, "method": method, "mode": mode, "error": f"exit status {done.returncode}"}
+            return {"family": family, "method": method, "mode": mode, "source": source,
+                    "error": f"exit status {done.returncode}"}
         return json.loads(out.read_text())
+
+
+def _row_data(args: argparse.Namespace, family: str, folder: Path) -> RowData:
+    """The datasets (and caches) of ``family``'s rows: 4 steps' pairs, so the epochs wrap."""
+    return RowData(folder / family, 4 * args.pairs_per_step, args.seed)
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -509,57 +651,62 @@ def markdown(results: dict[str, Any]) -> str:
              f"Command: `{env['command']}`", "",
              f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}; "
              f"dtype {results['dtype']}, gradient checkpointing {results['gradient_checkpointing']}, "
-             f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up.", "",
-             "| family | mode | method | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
-             "peak memory (GiB) | time outside UNet+optimizer | floor s/pair | x floor | x full-batch floor | "
-             "x DPO (same process) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    floors = floor_of(rows)
+             f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up, "
+             f"{results.get('clock', 'wall')} clock.", "",
+             "| family | mode | method | source | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
+             "peak memory (GiB) | time outside UNet+optimizer | bare s/pair | x bare (quartiles) | floor s/pair | "
+             "x floor | x full-batch floor | x DPO (same process) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        floor = floors.get((r["family"], r["mode"], r["method"]))
-        tail = (f"| {floor:.4f} | {r['floor_ratio']:.2f}x | {r['full_batch_floor_ratio']:.2f}x | "
-                f"{r['dpo_ratio']:.2f}x |" if floor else "| | | | |")
-        lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['pairs_per_step']} | {r['seconds_per_pair']:.4f} "
-                     f"| {r['seconds_per_pair_mean']:.4f} | {r['unet_evals_per_pair']:.1f} | {r['peak_memory_gib']:.2f} "
-                     f"| {100 * r['share_outside_unet']:.1f}% {tail}")
+        bare = (f"| {r['bare_seconds_per_pair']:.4f} | {r['bare_ratio']:.3f}x ({r['bare_ratio_quartiles'][0]:.3f}-"
+                f"{r['bare_ratio_quartiles'][1]:.3f}) " if math.isfinite(r["bare_ratio"]) else "| | ")
+        floor = (f"| {r['floor_seconds_per_pair']:.4f} | {r['floor_ratio']:.2f}x | {r['full_batch_floor_ratio']:.2f}x | "
+                 f"{r['dpo_ratio']:.2f}x |" if math.isfinite(r["floor_seconds_per_pair"]) else "| | | | |")
+        lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['source']} | {r['pairs_per_step']} "
+                     f"| {r['seconds_per_pair']:.4f} | {r['seconds_per_pair_mean']:.4f} | {r['unet_evals_per_pair']:.1f} "
+                     f"| {r['peak_memory_gib']:.2f} | {100 * r['share_outside_unet']:.1f}% {bare}{floor}")
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | failed: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['source']} | failed: {r['error']} "
+                         "| | | | | | | | | | | |")
     lines += ["", "Memory: " + ("CUDA max_memory_allocated per row." if rows and rows[0]["memory_kind"].startswith("cuda")
-                                else "peak RSS of a fresh process per row (includes building the model)."),
-              "Seconds per pair: the median step time (robust to a shared machine's stalls) over the "
-              "pairs of a step; the mean is beside it. UNet evals count forward sample-evaluations (a call on 4 latents counts 4); KTO's pair is its two "
-              "images. 'Time outside' is the share of the step spent neither in UNet forward calls, the backward "
-              "pass, the optimizer step nor (authors-recipe) the VAE/text encoding.",
+                                else "peak RSS of a fresh process per row (includes building the model and its cache)."),
+              "Every row is a `smpo train` run (`prepare_training`, `train_step`) reading a `smpo cache` folder or "
+              "images. Seconds per pair: the median step time (robust to a shared machine's stalls) over the "
+              "pairs of a step; the mean is beside it. UNet evals count forward sample-evaluations (a call on 4 "
+              "latents counts 4); KTO's pair is its two images. 'Time outside' is the share of the step spent "
+              "neither in network forward calls, the backward pass (with the loss and clipping), the optimizer "
+              "step nor the VAE/text encoding.",
+              "Bare (SD1.5 rows): the DPO step's arithmetic written plainly in the benchmark (one policy and one "
+              "reference call on the 2B latents, the loss, backward, clipping, AdamW), plus the VAE and text-encoder "
+              "calls for rows from images, of the row's batch size, run right after each timed step in the same "
+              "process; 'x bare' is the median over steps of each step's time over the bare step's, with the first "
+              "and third quartiles of those ratios.",
               "Floor (SmPO rows), measured in the row's own process, interleaved with its steps (a shared "
-              "machine's speed drifts between processes): after each timed step, a DPO step of the same batch "
+              "machine's speed drifts): after each timed step, a DPO step of the same batch "
               "size, plus the step's no-grad UNet calls (inversion; the samples leave it at their own t, so later "
               "calls are smaller), less the reference call DPO also makes, replayed as calls of the frozen network "
               "(reference copy in full mode, adapters-off view in LoRA mode) of the same sizes; the median over "
               "steps. 'x floor' is the median over steps of each step's time over the floor measured right after it; "
               "'x DPO (same process)' likewise over the DPO step run right after it. The ratios in the list below "
-              "compare rows run in different processes (at different moments of a shared machine). 'x full-batch floor' prices the extra evaluations at the full batch's per-sample cost "
-              "instead (a bound a per-sample-t inversion cannot reach where small calls cost more per sample).",
+              "compare rows run in different processes (at different moments of a shared machine). 'x full-batch "
+              "floor' prices the extra evaluations at the full batch's per-sample cost instead (a bound a "
+              "per-sample-t inversion cannot reach where small calls cost more per sample).",
               ""]
     lines += _ratios(rows)
     return "\n".join(lines) + "\n"
 
 
-def floor_of(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], float]:
-    """Each SmPO row's floor in seconds per pair (``Row.floor_seconds_per_pair``), by (family, mode, method)."""
-    return {(r["family"], r["mode"], r["method"]): r["floor_seconds_per_pair"] for r in rows
-            if r["method"] in SMPO_ROWS and math.isfinite(r.get("floor_seconds_per_pair", float("nan")))}
-
-
 def _ratios(rows: list[dict[str, Any]]) -> list[str]:
-    by = {(r["family"], r["mode"], r["method"]): r["seconds_per_pair"] for r in rows}
+    by = {(r["family"], r["mode"], r["method"], r["source"]): r["seconds_per_pair"] for r in rows}
     out = ["Ratios (median step times):", ""]
-    for (family, mode, method), seconds in sorted(by.items()):
-        if method in SMPO_ROWS and (family, mode, "dpo") in by:
-            out.append(f"- {family} {mode}: {method} / dpo time per pair = {seconds / by[family, mode, 'dpo']:.2f}x")
-        if method in SMPO_ROWS and (family, "full", "authors-recipe") in by:
-            out.append(f"- {family} {mode}: authors-recipe / {method} time per pair = "
-                       f"{by[family, 'full', 'authors-recipe'] / seconds:.2f}x")
+    for (family, mode, method, source), seconds in sorted(by.items()):
+        if method in SMPO_ROWS and (family, mode, "dpo", source) in by:
+            out.append(f"- {family} {mode} from {source}: {method} / dpo time per pair = "
+                       f"{seconds / by[family, mode, 'dpo', source]:.2f}x")
+        if method in SMPO_ROWS and (family, "full", "authors-recipe", "images") in by:
+            out.append(f"- {family} {mode} from {source}: authors-recipe / {method} time per pair = "
+                       f"{by[family, 'full', 'authors-recipe', 'images'] / seconds:.2f}x")
     return out if len(out) > 2 else []
 
 
@@ -578,15 +725,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
     parser.add_argument("--modes", default="full,lora", help="comma list from full, lora")
+    parser.add_argument("--sources", default="cache,images", help="comma list from cache, images (what the rows read)")
+    parser.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (default the preset's)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--pairs-per-step", type=int, default=4, help="pairs per step of our rows (default 4)")
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--optimizer", default="auto", help="auto (AdamW; Adafactor for SDXL), adamw, adafactor, sgd")
+    parser.add_argument("--optimizer", default="auto", choices=["auto", "adamw", "adafactor", "adamw8bit"],
+                        help="optim.optimizer of the rows; auto: AdamW, Adafactor for SDXL")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                        help="wall (default) or cpu: this process's CPU time, for a shared CPU machine with --threads 1")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-floor", action="store_true",
-                        help="skip the SmPO rows' floor (a DPO step and a replay of the inversion after each step)")
+                        help="skip the SmPO rows' floor (a DPO step and a replay of the inversion after each step) "
+                             "and the bare DPO step after each step")
     parser.add_argument("--out", default=None, help="results JSON (the .md table beside it); default results/<device>-<preset>.json")
     isolate = parser.add_mutually_exclusive_group()
     isolate.add_argument("--isolate", dest="isolate", action="store_true", default=None,
@@ -604,33 +757,39 @@ def main(argv: list[str] | None = None) -> int:
     isolate = args.isolate if args.isolate is not None else args.device == "cpu"
     if args.row_out:  # a child of --isolate: one family, one row
         family = families[0]
-        (method, mode), = _rows_to_run(args, family)
-        fam = build_family(family, args.preset, torch.device(args.device), args.seed)
-        row = run_row(fam, _settings(args, family), method, mode, free_encoders=True)
+        (method, mode, source), = _rows_to_run(args, family)
+        with tempfile.TemporaryDirectory() as tmp:
+            row = run_row(_settings(args, family), method, mode, source, _row_data(args, family, Path(tmp)))
         Path(args.row_out).write_text(json.dumps(asdict(row)))
         return 0
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.device.split(':')[0]}-{args.preset}.json")
     results: dict[str, Any] = {"preset": args.preset, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+                               "clock": args.clock,
                                "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
                                "environment": environment(args), "rows": []}
     for family in families:
-        fam = None if isolate else build_family(family, args.preset, torch.device(args.device), args.seed)
-        for method, mode in _rows_to_run(args, family):
-            print(f"[bench] {args.preset}/{family} {mode} {method} ...", file=sys.stderr, flush=True)
-            if isolate:
-                row = _run_isolated(args, family, method, mode)
-            else:
-                try:
-                    row = asdict(run_row(fam, _settings(args, family), method, mode))  # type: ignore[arg-type]
-                except Exception as error:  # keep the other rows; name the failure in the table
-                    row = {"family": family, "method": method, "mode": mode, "error": f"{type(error).__name__}: {error}"}
-                    if args.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-            results["rows"].append(row)
-            write_results(out, results)
-            summary = {k: row[k] for k in ("seconds_per_pair", "unet_evals_per_pair", "peak_memory_gib") if k in row}
-            print(f"[bench]   {summary or row.get('error')}", file=sys.stderr, flush=True)
-        del fam
+        with tempfile.TemporaryDirectory() as tmp:
+            data = None if isolate else _row_data(args, family, Path(tmp))
+            for method, mode, source in _rows_to_run(args, family):
+                print(f"[bench] {args.preset}/{family} {mode} {method} from {source} ...", file=sys.stderr, flush=True)
+                if isolate:
+                    row = _run_isolated(args, family, method, mode, source)
+                else:
+                    try:
+                        row = asdict(run_row(_settings(args, family), method, mode, source, data))  # type: ignore[arg-type]
+                    except Exception as error:  # keep the other rows; name the failure in the table
+                        row = {"family": family, "method": method, "mode": mode, "source": source,
+                               "error": f"{type(error).__name__}: {error}"}
+                        if args.device.startswith("cuda"):
+                            torch.cuda.empty_cache()
+                gc.collect()  # the finished row's model
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                results["rows"].append(row)
+                write_results(out, results)
+                summary = {k: row[k] for k in ("seconds_per_pair", "bare_ratio", "unet_evals_per_pair",
+                                               "peak_memory_gib") if k in row}
+                print(f"[bench]   {summary or row.get('error')}", file=sys.stderr, flush=True)
         gc.collect()
     print(out.with_suffix(".md").read_text())
     return 0

@@ -10,7 +10,7 @@ import torch
 
 from smpo.cli import main
 from smpo.train import TrainConfig, load_config
-from smpo.train.loop import make_optimizer, warmup_factor
+from smpo.train.setup import make_optimizer, warmup_factor
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -65,3 +65,26 @@ def test_trackers_are_optional(tiny_pipelines, labelled, tmp_path, capsys):
         assert not run.exists()  # nothing half-written
     else:
         assert code == 0 and list((run / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_prepare_training_builds_what_train_step_runs(tiny_pipelines, labelled, tmp_path):
+    """`prepare_training` + `train_step` (what `smpo train` and the benchmark call) make one step."""
+    import math
+
+    from smpo.train.loop import train_step
+    from smpo.train.setup import load_model, make_accelerator, prepare_training, resolve_config
+
+    config = TrainConfig()
+    config.model.pretrained, config.data.dataset, config.run.output_dir = str(tiny_pipelines["sd15"]), str(labelled), str(tmp_path)
+    config.model.finetune, config.model.lora_rank, config.objective.method = "lora", 4, "dpo"
+    config.optim.batch_size, config.optim.gradient_accumulation_steps = 2, 2
+    config = resolve_config(config)
+    assert config.objective.beta == config.objective.resolved().beta  # the method's defaults filled in
+    accelerator = make_accelerator(config)
+    torch.manual_seed(config.run.seed)
+    setup = prepare_training(config, accelerator, load_model(config, accelerator.device))
+    assert setup.layout.global_batch == 4 and setup.reference is not None
+    assert setup.parameters == list(setup.policy.parameters())
+    record = train_step(setup, 0)
+    assert record["step"] == 1 and math.isfinite(record["loss"]) and record["unet_evals"] == 2 * 2 * 2 * 2
+    assert math.isfinite(record["grad_norm"]) and setup.scheduler.last_epoch == 1

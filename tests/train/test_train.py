@@ -200,7 +200,7 @@ def test_bf16_mixed_precision_trains_on_the_cpu(finetune, tiny_pipelines, labell
     alike, so step 1 is exactly log 2; the trainable weights and the export stay float32."""
     from diffusers import UNet2DConditionModel
 
-    from smpo.train.loop import load_model, setup_models
+    from smpo.train.setup import load_model, setup_models
 
     config = _config(tiny_pipelines["sd15"], labelled, tmp_path / "run", max_steps=2, batch_size=2,
                      gradient_accumulation_steps=1, warmup_steps=0, learning_rate=1e-3, scale_lr=False)
