@@ -262,7 +262,7 @@ class RowData:
 def row_config(settings: Settings, method: str, mode: str, source: str, data: RowData,
                fam: FamilyAdapter) -> TrainConfig:
     """The ``smpo train`` config of a row (resolved as ``train`` resolves it)."""
-    from smpo.data.cache import InversionSpec
+    from smpo.data.latent_cache import InversionSpec
 
     authors = method == "authors-recipe"
     config = TrainConfig(objective=objective_for(method, settings.family))

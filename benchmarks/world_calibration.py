@@ -34,10 +34,10 @@ def main() -> None:
     from smpo.evaluation.stats import win_rate
     from smpo.train.checkpoint import list_checkpoints
     from smpo.train.loop import train
-    from smpo.world.demo import DemoConfig, checkpoint_unet, label, score_images, train_config
     from smpo.world.grammar import split
     from smpo.world.model import base_path
     from smpo.world.reward import load_world_scorer
+    from smpo.world.stages import DemoConfig, checkpoint_unet, label, score_images, train_config
 
     torch.set_num_threads(1)
     work = Path(args.work) / f"{Path(args.pairs).name}-{args.method}-lr{args.learning_rate:g}-s{args.seed}"

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from smpo.batch import ImageBatch, NoisedBatch, PairBatch, derive_seed
-from smpo.inversion import finish_from_levels, implied_noise
 from smpo.labels import LABELS
 from smpo.losses import LossOutput, per_sample_mse
 from smpo.methods import METHODS, BatchKind, LossInputs, Method, get_method
@@ -195,10 +194,10 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
         unc = cond.drop_text(torch.ones(len(cond), dtype=torch.bool), uncond)
     with torch.no_grad():
         if stored is not None:
-            if family.prediction_type_family != "diffusion":
+            if not family.stores_inversion:
                 raise ValueError(f"stored inversions are DDIM inversions: the {family.name} family has none")
             x_t = _finish_stored(family, inverter, x0, t, cond, unc, cfg, stored)
-            eps_hat = implied_noise(x_t, x0, t, family.alphas_cumprod)
+            eps_hat = family.implied_noise(x_t, x0, t)
         else:
             x_t, eps_hat = family.invert(
                 inverter, x0, t, cond, uncond=unc, num_steps=cfg.inversion_steps,
@@ -218,14 +217,14 @@ def _finish_stored(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, 
     live = stored[:, 0].reshape(stored.shape[0], -1)[:, :1].isnan().flatten()
     kw = dict(num_steps=cfg.inversion_steps, renoise_iters=cfg.effective_renoise_iters, land_on_t=cfg.land_on_t)
     if not bool(live.any()):  # the usual case
-        return finish_from_levels(family.eps_fn(inverter, cond, unc, cfg.inversion_guidance), x0, stored, t,
-                                  family.alphas_cumprod, **kw)
+        return family.finish_from_levels(inverter, x0, stored, t, cond, uncond=unc,
+                                         guidance=cfg.inversion_guidance, **kw)
     x_t = torch.empty_like(x0)
     kept, inverted = torch.nonzero(~live).flatten(), torch.nonzero(live).flatten()
     if kept.numel():
-        eps_fn = family.eps_fn(inverter, cond.index(kept), None if unc is None else unc.index(kept),
-                               cfg.inversion_guidance)
-        x_t[kept] = finish_from_levels(eps_fn, x0[kept], stored[kept], t[kept], family.alphas_cumprod, **kw)
+        x_t[kept] = family.finish_from_levels(inverter, x0[kept], stored[kept], t[kept], cond.index(kept),
+                                              uncond=None if unc is None else unc.index(kept),
+                                              guidance=cfg.inversion_guidance, **kw)
     x_t[inverted] = family.invert(inverter, x0[inverted], t[inverted], cond.index(inverted),
                                   uncond=None if unc is None else unc.index(inverted), guidance=cfg.inversion_guidance,
                                   step_noise=0.0, generators=None, **kw)[0]

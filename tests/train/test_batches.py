@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smpo.data.pairs import decode_image
-from smpo.models.family import load_family, prepare_image
+from smpo.models import load_family, prepare_image
 from smpo.train.data import CachedPairs, ImagePairs, LabelledPairs, pair_draws
 
 SEED, EPOCH = 3, 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smpo.batch import ImageBatch, PairBatch
-from smpo.models.family import Conditioning
+from smpo.models import Conditioning
 from smpo.train.unpaired import KTOImages
 
 

@@ -20,7 +20,7 @@ METHODS = ("smpo", "dpo", "kto", "mapo", "sft")
 @pytest.fixture(scope="module")
 def caches(tiny_pipelines, labelled, tmp_path_factory) -> dict[str, Path]:
     from smpo.data.cache import build_cache
-    from smpo.models.family import load_family
+    from smpo.models import load_family
 
     root = tmp_path_factory.mktemp("caches")
     for family, folder in tiny_pipelines.items():

@@ -120,7 +120,7 @@ def test_cached_inversion_rung_trains_from_the_study_cache(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from smpo.data.cache import LatentCache
+    from smpo.data.latent_cache import LatentCache
     from smpo.world.pairset import pair_set_path
     from smpo.world.stages import label
     from smpo.world.study import inversion_cache_dir, run_study

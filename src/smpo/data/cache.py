@@ -56,13 +56,13 @@ from smpo.io import (
     resolve_dtype,
     write_json,
 )
-from smpo.models.family import Conditioning, FamilyAdapter, prepare_image
+from smpo.models import FAMILY_NAMES, Conditioning, FamilyAdapter, prepare_image
 from smpo.options import add_dataclass_arguments, dataclass_from_args
 
 WORK_DIR = ".work"  # each process's end-of-pass note while a launch runs
 
-__all__ = ["CacheSummary", "InversionSpec", "LatentCache", "build_cache", "bytes_per_pair", "encode_shard",
-           "invert_images"]  # LatentCache: read it from smpo.data.latent_cache
+__all__ = ["CacheConfig", "CacheSummary", "InversionSpec", "build_cache", "bytes_per_pair", "encode_shard",
+           "invert_images"]
 
 # --------------------------------------------------------------------------------------------
 # Writing
@@ -112,21 +112,18 @@ def invert_images(family: FamilyAdapter, latents: Tensor, cond: Conditioning, sp
     """The reference's (``network``, default ``family.unet``) inversion of ``latents`` at the grid
     levels, ``[N, L, C, h, w]`` on the CPU, as the objective's ``noise_latents`` would compute it
     with these settings."""
-    from smpo.inversion import invert_to_levels
-
     uncond = None
     if spec.guidance != 1.0:
         uncond = cond.drop_text(torch.ones(len(cond), dtype=torch.bool), family.encode_prompts([""]))
     parts = []
     for i in range(0, latents.shape[0], batch_size):
         rows = slice(i, i + batch_size)
-        eps_fn = family.eps_fn(family.unet if network is None else network, cond.index(rows),
-                               None if uncond is None else uncond.index(rows), spec.guidance)
         x0 = latents[rows].to(family.device, torch.float32)
         with torch.no_grad():
-            parts.append(invert_to_levels(eps_fn, x0, family.alphas_cumprod, num_steps=spec.steps,
-                                          renoise_iters=spec.renoise_iters, land_on_t=spec.land_on_t,
-                                          initial_abar=family.initial_abar).cpu())
+            parts.append(family.invert_to_levels(
+                family.unet if network is None else network, x0, cond.index(rows),
+                uncond=None if uncond is None else uncond.index(rows), guidance=spec.guidance,
+                num_steps=spec.steps, renoise_iters=spec.renoise_iters, land_on_t=spec.land_on_t).cpu())
     return torch.cat(parts)
 
 
@@ -200,7 +197,7 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
             "inversion": None if inversion is None else asdict(inversion)}
     if inversion is not None and family.unet is None:
         raise ValueError("storing the inversion needs the reference UNet (load the family with its UNet)")
-    if inversion is not None and family.prediction_type_family != "diffusion":
+    if inversion is not None and not family.stores_inversion:
         raise ValueError(f"--store-inversion stores DDIM inversions (SD1.5, SDXL); the {family.name} family "
                          "inverts its flow at training time")
     folder, work = Path(out), Path(out) / WORK_DIR
@@ -317,7 +314,7 @@ class CacheConfig:
     """diffusers pipeline folder or hub id (its VAE and text encoders)"""
     out: str
     """output folder"""
-    family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = "auto"
+    family: str = "auto"
     """model family (auto: from model_index.json)"""
     vae: str | None = None
     """separate VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix)"""
@@ -359,6 +356,7 @@ class CacheConfig:
     """SDXL time ids the inversion conditions on: the training's data.size_conditioning"""
 
 
+_CHOICES = {"family": ("auto", *FAMILY_NAMES)}
 _INVERSION_OPTIONS = ("store_inversion", "unet", "inversion_steps", "renoise_iters", "land_on_t",
                       "inversion_guidance", "size_conditioning")
 
@@ -366,15 +364,15 @@ _INVERSION_OPTIONS = ("store_inversion", "unet", "inversion_steps", "renoise_ite
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     main_options = [f.name for f in fields(CacheConfig) if f.name not in _INVERSION_OPTIONS]
     add_dataclass_arguments(parser, CacheConfig, positional=("data",), aliases={"out": ("--output",)},
-                            exclude=_INVERSION_OPTIONS)
+                            choices=_CHOICES, exclude=_INVERSION_OPTIONS)
     inv = parser.add_argument_group("stored reference inversion (for SmPO with inverting_network: reference)")
     add_dataclass_arguments(inv, CacheConfig, exclude=main_options)
 
 
 def run(args: argparse.Namespace) -> int:
-    from smpo.models.family import load_family
+    from smpo.models import load_family
 
-    config = dataclass_from_args(CacheConfig, args)
+    config = dataclass_from_args(CacheConfig, args, choices=_CHOICES)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     inversion = None

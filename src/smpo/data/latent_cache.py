@@ -27,7 +27,7 @@ from torch import Tensor
 from smpo.batch import PairBatch
 from smpo.io import model_identity, read_json
 from smpo.labels import human_winner
-from smpo.models.family import Conditioning
+from smpo.models import Conditioning
 
 CACHE_VERSION = 1
 

@@ -26,7 +26,7 @@ def model_card(config: Any, family: str, *, kind: str, steps: int, metrics: dict
         "license_name": "same-as-base-model",
         "tags": ["text-to-image", "diffusers", "smpo", objective.method, family, kind],
     }
-    from smpo.models.family import FAMILIES
+    from smpo.models import FAMILIES
 
     adapter = FAMILIES[family]
     pipeline, network_class, network = adapter.pipeline_class, adapter.network_class, adapter.network_folder

@@ -122,7 +122,7 @@ def export_lora(unet: Any, folder: str | os.PathLike, family: str, state_dict: d
     import diffusers
 
     from smpo.io import atomic_path
-    from smpo.models.family import FAMILIES
+    from smpo.models import FAMILIES
 
     pipeline_cls = getattr(diffusers, FAMILIES[family].pipeline_class)
     network = FAMILIES[family].network_folder  # the keyword prefix: unet_lora_layers / transformer_lora_layers

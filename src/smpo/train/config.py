@@ -30,6 +30,7 @@ import yaml
 
 from smpo.labels import LABELS
 from smpo.methods import METHODS
+from smpo.models import FAMILY_NAMES
 from smpo.objective import NOISINGS, TIMESTEP_SAMPLINGS, ObjectiveConfig
 from smpo.options import ConfigError, add_dataclass_arguments, apply_overrides, field_docs, option_name
 
@@ -42,7 +43,7 @@ __all__ = ["CHOICES", "SECTIONS", "ConfigError", "DataConfig", "ModelConfig", "O
 class ModelConfig:
     pretrained: str = ""
     """Base model: a diffusers pipeline folder or a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)."""
-    family: Literal["auto", "sd15", "sdxl", "sd3", "flux"] = "auto"
+    family: str = "auto"
     """Model family; `auto` reads it from the pipeline folder (model_index.json)."""
     vae: str | None = None
     """Optional separate VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16."""
@@ -155,7 +156,7 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": tuple(METHODS), "noising": NOISINGS, "labels": LABELS,
+    "family": ("auto", *FAMILY_NAMES), "method": tuple(METHODS), "noising": NOISINGS, "labels": LABELS,
     "inverting_network": ("policy", "reference"), "timestep_sampling": TIMESTEP_SAMPLINGS,
 }
 """Allowed values of string fields not typed as a ``Literal`` (checked on the command line and in YAML)."""

@@ -251,7 +251,7 @@ class CachedPairs:
     def __init__(self, folder: str | Path, family: Any, *, max_pairs: int | None, seed: int,
                  empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image",
                  flip_per_image: bool = False, inversion: bool = False):
-        from smpo.data.cache import LatentCache
+        from smpo.data.latent_cache import LatentCache
 
         self.cache = LatentCache(folder)
         if self.cache.family != family.name:

@@ -227,7 +227,7 @@ def export(accelerator: Any, policy: Any, run_dir: Path, config: TrainConfig, fa
     Every process calls this: under FSDP or DeepSpeed ZeRO-3 the weights are gathered from the
     processes' shards first; the main process writes.
     """
-    from smpo.models.family import FAMILIES
+    from smpo.models import FAMILIES
 
     network = FAMILIES[family].network_folder  # unet, or transformer for SD3/FLUX
     folder = run_dir / "final" / ("lora" if config.model.finetune == "lora" else network)

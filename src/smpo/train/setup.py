@@ -126,7 +126,7 @@ def _check_tracker(report: str) -> None:
 
 def load_model(config: TrainConfig, device: torch.device) -> Any:
     """The model family adapter, loaded in float32 (the trained weights' master precision)."""
-    from smpo.models.family import load_family
+    from smpo.models import load_family
 
     m = config.model
     return load_family(m.pretrained, family=m.family, vae=m.vae, unet=m.unet, revision=m.revision,

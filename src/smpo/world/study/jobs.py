@@ -105,7 +105,7 @@ def build_inversion_cache(cfg: StudyConfig, root: Path, base: Path, dataset: Pat
     import torch
 
     from smpo.data.cache import InversionSpec, build_cache
-    from smpo.models.family import load_family
+    from smpo.models import load_family
     from smpo.objective import ObjectiveConfig
 
     specs = set()
