@@ -42,7 +42,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smpo.data.generators import GeneratorSpec, MixedScorer, parse_generators, parse_scorer, parse_scorer_paths
+from smpo.data.generators import (
+    GeneratorSpec,
+    MixedScorer,
+    parse_generators,
+    parse_scorer,
+    parse_scorer_paths,
+)
 from smpo.data.generators import resolved as resolved_spec
 from smpo.data.pair_images import IMAGE_FORMATS, sample_and_score, work_file, write_work_file
 from smpo.data.pairing import PAIRING_RULES, PairingRule, form_pairs, winner_first
@@ -265,7 +271,7 @@ def _prompt_pairs(images: pa.Table, config: PairsConfig) -> list[tuple[int, int,
         chosen = form_pairs(scores[rows].tolist(), rule=config.pairing, min_gap=config.min_gap,
                             pairs_per_prompt=config.pairs_per_prompt, seed=config.seed, prompt_index=int(p),
                             groups=groups[rows].tolist() if config.across_generators else None)
-        pairs.extend((int(p), int(rows[w]), int(rows[l])) for w, l in chosen)
+        pairs.extend((int(p), int(rows[win]), int(rows[lose])) for win, lose in chosen)
     return pairs
 
 
@@ -281,9 +287,9 @@ def pair_table(images: pa.Table, pairs: list[tuple[int, int, int]], specs: list[
         "image_1_uid", "best_image_uid", "seed_0", "seed_1", "prompt_index", "score_0", "score_1",
         *(f"score_{side}_{name}" for name in parts for side in (0, 1)))}
     counts: dict[int, int] = {}
-    for p, w, l in pairs:
+    for p, w, lo in pairs:
         r = counts[p] = counts.get(p, -1) + 1
-        first, second = (w, l) if winner_first(config.seed, p, r) else (l, w)
+        first, second = (w, lo) if winner_first(config.seed, p, r) else (lo, w)
         row = {"pair_id": f"{p}-{r}", "caption": data["caption"][w], "label_0": float(first == w),
                "label_1": float(second == w), "best_image_uid": uid[w], "prompt_index": p}
         for side, i in ((0, first), (1, second)):
@@ -316,7 +322,7 @@ def finalise(out: Path, specs: list[GeneratorSpec], num_shards: int, config: Pai
         scores = images.column("score").to_numpy()
         for j, spec in enumerate(specs):
             by_generator[spec.name].append(scores[images.column("generator").to_numpy() == j])
-        rows = [i for _, w, l in _prompt_pairs(images, config) for i in (w, l)]
+        rows = [i for _, w, lo in _prompt_pairs(images, config) for i in (w, lo)]
         paired.append(scores[rows])
     if sum(chunk.size for chunk in paired) == 0:
         raise ValueError(f"no pairs: no prompt has two images whose scores differ by at least --min-gap "
