@@ -52,7 +52,14 @@ from smpo.data.generators import (
 from smpo.data.generators import resolved as resolved_spec
 from smpo.data.pair_images import IMAGE_FORMATS, sample_and_score, work_file, write_work_file
 from smpo.data.pairing import PAIRING_RULES, PairingRule, form_pairs, winner_first
-from smpo.io import OutputExistsError, prepare_output_dir, read_json, refuse_changed_settings, write_json
+from smpo.io import (
+    OutputExistsError,
+    check_model_source,
+    prepare_output_dir,
+    read_json,
+    refuse_changed_settings,
+    write_json,
+)
 from smpo.options import add_dataclass_arguments, dataclass_from_args, field_docs
 
 PAIRS_FILE = "pairs.json"
@@ -147,6 +154,10 @@ def make_pairs(config: PairsConfig) -> dict[str, Any]:
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     prompts = load_prompts(config.prompts, categories=config.categories, limit=config.limit)
+    for s in specs:
+        check_model_source(s.model, f"--model {s.name}")
+        if s.unet is not None:
+            check_model_source(s.unet, f"--generator-options {s.name}:unet")
     families = [detect_family(s.model) for s in specs]
     specs = [resolved_spec(s, steps=config.steps, guidance_scale=config.guidance_scale, height=config.height,
                            width=config.width) for s in specs]
