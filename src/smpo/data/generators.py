@@ -9,8 +9,8 @@ set records in ``model_0``/``model_1``. Two spellings, one record (:class:`Gener
   folder's or hub id's last part), and ``--generator-options NAME:key=value,key=value`` (repeated)
   for the settings that differ from the shared ones (``--steps``, ``--guidance-scale``...);
 - a YAML file, ``--generators file.yaml``: a list of mappings with the same keys, e.g.
-  ``[{name: base, model: runwayml/stable-diffusion-v1-5, steps: 30},
-  {name: tuned, model: runwayml/stable-diffusion-v1-5, unet: runs/smpo/final, lora_scale: 0.8}]``.
+  ``[{name: base, model: stable-diffusion-v1-5/stable-diffusion-v1-5, steps: 30},
+  {name: tuned, model: stable-diffusion-v1-5/stable-diffusion-v1-5, unet: runs/smpo/final, lora_scale: 0.8}]``.
 
 Scorer. One name of :data:`smpo.rewards.SCORERS` (or ``world``), or a weighted mix
 ``pickscore=0.7,hpsv2.1=0.3``: an image's score is ``sum_i w_i * s_i`` of the scorers' RAW scores

@@ -396,8 +396,8 @@ def read_pairs_metadata(folder: str | Path) -> dict[str, Any]:
 
 EPILOG = """generators: --model NAME=PATH per generator, then --generator-options NAME:key=value,... for what
 differs from the shared --steps/--guidance-scale/--height/--width, e.g.
-  smpo pairs --prompts parti --model base=runwayml/stable-diffusion-v1-5 \\
-    --model tuned=runwayml/stable-diffusion-v1-5 --generator-options tuned:unet=runs/smpo/final,lora_scale=0.8 \\
+  smpo pairs --prompts parti --model base=stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+    --model tuned=stable-diffusion-v1-5/stable-diffusion-v1-5 --generator-options tuned:unet=runs/smpo/final,lora_scale=0.8 \\
     --scorer pickscore --images-per-prompt 4 --output data/parti-pairs
 or --generators FILE.yaml (a list of {name, model, unet, lora_scale, steps, guidance_scale, height, width,
 scheduler, negative_prompt}). See docs/data.md."""
