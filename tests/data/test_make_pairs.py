@@ -298,3 +298,12 @@ def test_mixed_scores_are_the_weighted_sum_of_the_raw_scores(tiny_pickscore, tmp
                 + 0.3 * load_scorer("clip", clip, device="cpu")(images, prompts).double())
     assert mix(images, prompts).tolist() == pytest.approx(expected.tolist(), rel=1e-6)
     assert mix.name == "pickscore=0.7,clip=0.3" and set(mix.last_parts) == {"pickscore", "clip"}
+
+
+def test_an_empty_prompt_source_is_an_error(pipelines, tiny_pickscore, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    out = tmp_path / "out"
+    assert main(["pairs", "--prompts", str(empty), "--model", f"base={pipelines['sd15']}", "--scorer-path",
+                 str(tiny_pickscore), "--output", str(out)]) == 2
+    assert "holds no prompts" in capsys.readouterr().err and not out.exists()
