@@ -20,6 +20,7 @@ from smpo import __version__
 # name -> (module, one-line help). The order is the order of `smpo --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("smpo.world.demo", "run the whole pipeline on the built-in miniature world (CPU, minutes)"),
+    "pairs": ("smpo.data.make_pairs", "make a preference set: images from generators, scored by a reward model, paired"),
     "label": ("smpo.data.label", "score preference pairs with a reward model and write smoothed labels (p_win)"),
     "cache": ("smpo.data.cache", "precompute VAE latents and text embeddings of a labelled dataset"),
     "train": ("smpo.train.cli", "train SmPO, Diffusion-DPO, Diffusion-KTO, MaPO or SFT"),

@@ -8,7 +8,7 @@ of the source is kept. :func:`open_source` accepts
 - a parquet file, or a folder of parquet files (searched recursively; when some file names start
   with ``{split}-`` or sit in a folder named ``split``, only those are read, so the Pick-a-Pic
   ``data/`` folder can be given as it is),
-- a hub dataset id such as ``yuvalkirstain/pickapic_v2``, streamed with
+- a hub dataset id such as ``liuhuohuo2/pick-a-pic-v2`` (a copy of Pick-a-Pic v2), streamed with
   ``datasets.load_dataset(id, split=split, streaming=True)`` (nothing is downloaded up front: the
   full set is 335 GB),
 - a JSONL file of ``{"prompt", "image_0", "image_1", "label_0"}`` records whose image fields are
