@@ -60,6 +60,29 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resu
     return out
 
 
+def prepare_job_output(out: Path, settings: Mapping[str, Any], *, job: str, finished: str, kind: str,
+                       work_dir: str = ".work", overwrite: bool = False) -> None:
+    """The output folder of a resumable job (``smpo label``, ``smpo pairs``): new, resumed, or refused.
+
+    ``finished``: the file whose presence marks a finished output, a ``kind`` (e.g. "labelled
+    dataset"), refused without ``overwrite``;
+    ``work_dir/run.json`` holds an unfinished run's settings, which a resume must repeat
+    (:func:`refuse_changed_settings`); any other non-empty folder is refused.
+    """
+    run_file = out / work_dir / "run.json"
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        if (out / finished).exists():
+            shutil.rmtree(out / work_dir, ignore_errors=True)  # leftover of a kill after the last write
+            raise OutputExistsError(f"{out} already holds a finished {kind}; pass --overwrite to replace it")
+        if not run_file.exists():
+            raise OutputExistsError(f"{out} exists, is not empty and is not an unfinished `{job}` run; "
+                                    "choose another output or pass --overwrite to replace it")
+        refuse_changed_settings(out, read_json(run_file), settings, what=f"an unfinished `{job}` run")
+        return  # resume
+    prepare_output_dir(out, overwrite=overwrite, resume=False)
+    write_json(run_file, settings)
+
+
 def looks_local(value: str | os.PathLike) -> bool:
     """Whether a model name is meant as a local path (hub ids read ``namespace/name``)."""
     text = str(value)

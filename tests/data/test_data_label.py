@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,7 +18,7 @@ import smpo.data.label as label_module
 import smpo.data.scoring as scoring_module
 from smpo.cli import main
 from smpo.data.label import load_labelled
-from smpo.io import OutputExistsError
+from smpo.io import OutputExistsError, prepare_job_output
 from smpo.rewards import load_scorer
 
 EXPECTED_COLUMNS = ["pair_id", "caption", "jpg_0", "jpg_1", "label_0", "score_0", "score_1", "winner", "p_win",
@@ -274,7 +275,8 @@ def test_processes_take_shards_i_mod_world_and_together_equal_one_process(pickap
     settings = label_module.RunSettings(source=str(pickapic_parquet), split="train", scorer="pickscore",
                                         scorer_path=str(tiny_pickscore), shard_size=4, batch_size=3,
                                         keep_ties=False, limit=None, dtype="float32")
-    label_module._prepare_output(out, settings, overwrite=False)
+    prepare_job_output(out, asdict(settings), job="smpo label", finished="labels.json",
+                       kind="labelled dataset")
     source = label_module.open_source(pickapic_parquet)
     scorer = load_scorer("pickscore", tiny_pickscore, device="cpu", batch_size=6)
     work = out / ".work"

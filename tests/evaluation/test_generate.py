@@ -208,11 +208,11 @@ def test_two_torchrun_processes_take_half_the_prompts_each_and_match_one_process
     assert main(["generate", *options, "--output", str(tmp_path / "one")]) == 0
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     script = tmp_path / "generate_logged.py"  # each process logs the prompts it samples
-    script.write_text("import sys, smpo.evaluation.generate as g; real = g._sample\n"
+    script.write_text("import sys, smpo.evaluation.generate as g; real = g.sample_batch\n"
                       "def logged(pipe, batch, **kw):\n"
                       "    print('sampled', *sorted({r.prompt_index for r in batch}), flush=True)\n"
                       "    return real(pipe, batch, **kw)\n"
-                      "g._sample = logged\n"
+                      "g.sample_batch = logged\n"
                       "from smpo.cli import main; sys.exit(main(sys.argv[1:]))\n")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              "29518", "--tee", "3", str(script), "generate", *options, "--output", str(tmp_path / "two")],

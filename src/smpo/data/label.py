@@ -41,14 +41,7 @@ import torch
 from smpo.data.schema import ReadStats
 from smpo.data.scoring import RunSettings, ScoreFn, score_shards, shard_dir
 from smpo.data.sources import PairSource, open_source
-from smpo.io import (
-    OutputExistsError,
-    atomic_path,
-    prepare_output_dir,
-    read_json,
-    refuse_changed_settings,
-    write_json,
-)
+from smpo.io import atomic_path, prepare_job_output, read_json, write_json
 from smpo.labels import human_winner
 
 LABELS_FILE = "labels.json"
@@ -156,7 +149,9 @@ def label_pairs(
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be at least 1; got {shard_size} and {batch_size}")
     if state.is_main_process:
-        _prepare_output(out, settings, overwrite=overwrite)
+        prepare_job_output(out, asdict(settings), job="smpo label", finished=LABELS_FILE, kind="labelled dataset",
+                           work_dir=WORK_DIR,
+                           overwrite=overwrite)
     state.wait_for_everyone()
     work = out / WORK_DIR
     if not (work / "finalise.json").exists():
@@ -207,21 +202,6 @@ def load_labelled(folder: str | Path):
 
 # ---------------------------------------------------------------------------------------------------
 # Output folder: new, resumed, or refused.
-
-
-def _prepare_output(out: Path, settings: RunSettings, *, overwrite: bool) -> None:
-    run_file = out / WORK_DIR / "run.json"
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        if (out / LABELS_FILE).exists():
-            shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # leftover of a kill after the last write
-            raise OutputExistsError(f"{out} already holds a finished labelled dataset; pass --overwrite to replace it")
-        if not run_file.exists():
-            raise OutputExistsError(f"{out} exists, is not empty and is not an unfinished `smpo label` run; "
-                                    "choose another output or pass --overwrite to replace it")
-        refuse_changed_settings(out, read_json(run_file), asdict(settings), what="an unfinished `smpo label` run")
-        return  # resume
-    prepare_output_dir(out, overwrite=overwrite, resume=False)
-    write_json(run_file, asdict(settings))
 
 
 def _load_scorer(name: str, path: str | Path | None, *, device: torch.device, dtype: torch.dtype,

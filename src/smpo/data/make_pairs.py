@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -53,11 +52,9 @@ from smpo.data.generators import resolved as resolved_spec
 from smpo.data.pair_images import IMAGE_FORMATS, sample_and_score, work_file, write_work_file
 from smpo.data.pairing import PAIRING_RULES, PairingRule, form_pairs, winner_first
 from smpo.io import (
-    OutputExistsError,
     check_model_source,
-    prepare_output_dir,
+    prepare_job_output,
     read_json,
-    refuse_changed_settings,
     write_json,
 )
 from smpo.options import add_dataclass_arguments, dataclass_from_args, field_docs
@@ -142,7 +139,7 @@ def make_pairs(config: PairsConfig) -> dict[str, Any]:
     """Run `smpo pairs`; returns the summary (the same on every process of a launch)."""
     from smpo.evaluation.pipelines import FAMILY_GUIDANCE_SCALE, detect_family
     from smpo.io import resolve_device, resolve_dtype
-    from smpo.processes import process_state
+    from smpo.processes import process_state, wait_until
     from smpo.prompts import load_prompts
 
     started = time.perf_counter()
@@ -169,7 +166,9 @@ def make_pairs(config: PairsConfig) -> dict[str, Any]:
     settings = _settings(config, specs, families, weights, scorer_paths, str(dtype).removeprefix("torch."))
     out = Path(config.output)
     if state.is_main_process:
-        _prepare_output(out, settings, overwrite=config.overwrite)
+        prepare_job_output(out, settings, job="smpo pairs", finished=PAIRS_FILE, kind="pair set",
+                           work_dir=WORK_DIR,
+                           overwrite=config.overwrite)
     state.wait_for_everyone()
     work, num_shards = out / WORK_DIR, math.ceil(len(prompts) / config.shard_size)
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
@@ -187,11 +186,12 @@ def make_pairs(config: PairsConfig) -> dict[str, Any]:
                     _make_images(spec, families[j], shards, work, j, prompts, scorer, config, device, dtype, bar.update)
     # No collective barrier: processes may finish hours apart (a resumed run); wait on disk instead.
     if not state.is_main_process:
-        _wait_until(lambda: (out / PAIRS_FILE).exists(), f"{out / PAIRS_FILE} (written by the main process)")
+        wait_until(lambda: (out / PAIRS_FILE).exists(), f"{out / PAIRS_FILE} (written by the main process)",
+                   "smpo pairs")
         return read_json(out / PAIRS_FILE)["summary"]
-    _wait_until(lambda: (out / PAIRS_FILE).exists() or all(
+    wait_until(lambda: (out / PAIRS_FILE).exists() or all(
         work_file(work, j, k).exists() for j in range(len(specs)) for k in range(num_shards)),
-        "the other processes' images")
+        "the other processes' images", "smpo pairs")
     return finalise(out, specs, num_shards, config, seconds=time.perf_counter() - started)
 
 
@@ -227,31 +227,6 @@ def _settings(config: PairsConfig, specs: list[GeneratorSpec], families: list[st
             "image_format")
     return {**{k: getattr(config, k) for k in keys}, "dtype": dtype, "scorer": weights, "scorer_paths": scorer_paths,
             "generators": [{**asdict(s), "family": f} for s, f in zip(specs, families)]}
-
-
-def _prepare_output(out: Path, settings: dict[str, Any], *, overwrite: bool) -> None:
-    run_file = out / WORK_DIR / "run.json"
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        if (out / PAIRS_FILE).exists():
-            shutil.rmtree(out / WORK_DIR, ignore_errors=True)  # leftover of a kill after the last write
-            raise OutputExistsError(f"{out} already holds a finished pair set; pass --overwrite to replace it")
-        if not run_file.exists():
-            raise OutputExistsError(f"{out} exists, is not empty and is not an unfinished `smpo pairs` run; "
-                                    "choose another output or pass --overwrite to replace it")
-        refuse_changed_settings(out, read_json(run_file), settings, what="an unfinished `smpo pairs` run")
-        return
-    prepare_output_dir(out, overwrite=overwrite, resume=False)
-    write_json(run_file, settings)
-
-
-def _wait_until(done: Callable[[], bool], what: str, poll_seconds: float = 2.0) -> None:
-    """Poll the file system until ``done()``; the launcher ends every process if one of them fails."""
-    waited = 0.0
-    while not done():
-        if waited and waited % 600 < poll_seconds:
-            print(f"smpo pairs: still waiting for {what} after {waited / 60:.0f} min", file=sys.stderr)
-        time.sleep(poll_seconds)
-        waited += poll_seconds
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from smpo.data.generators import GeneratorSpec
-from smpo.evaluation.generate import _sample, plan_images
+from smpo.evaluation.generate import plan_images, sample_batch
 from smpo.io import atomic_path
 from smpo.prompts import Prompt
 
@@ -70,7 +70,7 @@ def sample_and_score(pipe: Any, spec: GeneratorSpec, prompts: Sequence[Prompt], 
     columns: dict[str, list] = {name: [] for name in image_table_schema(parts).names}
     for lo in range(0, len(plan), batch_size):
         batch = plan[lo : lo + batch_size]
-        images = _sample(pipe, batch, guidance_scale=spec.guidance_scale, num_inference_steps=spec.steps,
+        images = sample_batch(pipe, batch, guidance_scale=spec.guidance_scale, num_inference_steps=spec.steps,
                          height=spec.height, width=spec.width, negative_prompt=spec.negative_prompt,
                          control_image=None, conditioning_scale=None)
         stored = [encode_image(image, image_format) for image in images]

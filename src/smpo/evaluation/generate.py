@@ -180,7 +180,7 @@ def generate_images(pipe, prompts: Sequence[Prompt | str], out: str | Path, *, g
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
     for batch in batches:
-        images = _sample(pipe, batch, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+        images = sample_batch(pipe, batch, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                          height=height, width=width, negative_prompt=negative_prompt,
                          control_image=control_image, conditioning_scale=conditioning_scale)
         for record, image in zip(batch, images):
@@ -193,10 +193,13 @@ def generate_images(pipe, prompts: Sequence[Prompt | str], out: str | Path, *, g
     return plan
 
 
-def _sample(pipe, batch: Sequence[ImageRecord], *, guidance_scale: float, num_inference_steps: int,
-            height: int | None, width: int | None, negative_prompt: str | None,
-            control_image: Callable[[int], Image.Image] | None, conditioning_scale: float | None) -> list[Image.Image]:
-    # One CPU generator per image: its starting noise does not depend on the batch or the device.
+def sample_batch(pipe, batch: Sequence[ImageRecord], *, guidance_scale: float, num_inference_steps: int,
+                 height: int | None, width: int | None, negative_prompt: str | None,
+                 control_image: Callable[[int], Image.Image] | None, conditioning_scale: float | None
+                 ) -> list[Image.Image]:
+    """One pipeline call for the images of ``batch`` (``smpo generate`` and ``smpo pairs`` both sample here).
+
+    One CPU generator per image: its starting noise does not depend on the batch or the device."""
     generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
     kwargs = dict(prompt=[r.prompt for r in batch], guidance_scale=guidance_scale,
                   num_inference_steps=num_inference_steps, height=height, width=width, generator=generators,
