@@ -304,7 +304,9 @@ def _pairwise(method: Method, family: FamilyAdapter, policy: Any, reference: Any
     t, eps = _draw(batch.seeds, batch.latents_w.shape[1:], family, cfg, device)
     x0 = torch.cat([batch.latents_w, batch.latents_l]).float()
     cond = Conditioning.cat([batch.cond, batch.cond_l if batch.cond_l is not None else batch.cond])
-    image_seeds = [derive_seed(s, 0) for s in batch.seeds] + [derive_seed(s, 1) for s in batch.seeds]
+    # Each image's own seed, for the inversion's fresh noise only.
+    image_seeds = ([derive_seed(s, 0) for s in batch.seeds] + [derive_seed(s, 1) for s in batch.seeds]
+                   if cfg.inversion_noise else None)
     noised = noise_latents(family, inverter, x0, torch.cat([t, t]), torch.cat([eps, eps]), cond, cfg, batch.uncond,
                            image_seeds, batch.inverted)
     model = errors(family, policy, noised, x0, cond)

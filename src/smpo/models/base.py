@@ -30,11 +30,14 @@ from smpo.models.conditioning import Conditioning, Size
 
 
 def module_dtype(module: Any) -> torch.dtype:
-    """The dtype a network's inputs are cast to (its ``dtype``, else its first parameter's)."""
-    dtype = getattr(module, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return next(module.parameters()).dtype
+    """The dtype a network's inputs are cast to: its first floating parameter's (the value of
+    diffusers' ``ModelMixin.dtype`` for networks without layerwise-casting hooks, which smpo never
+    attaches; that property walks every submodule on each call, 2-3 ms a network call on the CPU,
+    docs/benchmarks.md). Objects without parameters (the LoRA views) give their ``dtype``."""
+    parameters = getattr(module, "parameters", None)
+    if parameters is None:
+        return module.dtype
+    return next((p.dtype for p in parameters() if p.is_floating_point()), torch.float32)
 
 
 def diffusers_dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from smpo.models.base import module_dtype
+
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 """The attention projections, as in diffusers' LoRA training scripts."""
 
@@ -103,7 +105,7 @@ class AdaptersOffView:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return module_dtype(self.unet)
 
     @property
     def config(self) -> Any:
