@@ -166,7 +166,9 @@ def renoise_invert(eps_fn: EpsFn, x0: Tensor, t: Tensor, alphas_cumprod: Tensor,
         num_steps: size of the inversion grid over ``[0, T)``.
         renoise_iters: 0 is plain DDIM inversion; each iteration evaluates the noise at the new
             point and re-steps from the start point with the average of all estimates so far.
-        land_on_t: end exactly at ``t`` (default), or reproduce the authors' grid (module docstring).
+        land_on_t: end exactly at ``t`` (default: the paper's Eq. 13, which this function states), or
+            reproduce the authors' grid (module docstring). Training's ``ObjectiveConfig.land_on_t``
+            defaults to the authors' grid and always passes its value through the family adapter.
         return_trajectory: also return the visited points, a list of ``(levels[B], latents)`` in
             ascending order, the last being the returned point. A sample that has finished keeps
             repeating its last point while others go on. The clean start is not included.
