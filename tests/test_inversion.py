@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDPMScheduler
 
-from smpo.inversion import ddim_step, guided_eps_fn, implied_noise, inversion_grid, renoise_invert
+from smpo.inversion import ddim_step, implied_noise, inversion_grid, renoise_invert
 
 SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 ABAR = DDPMScheduler(**SCHED).alphas_cumprod.double()
@@ -196,18 +196,6 @@ def test_renoise_improves_invert_then_reconstruct():
         errors.append((reconstruct(model.eps, x_t, traj) - x0).pow(2).mean().sqrt().item())
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.5 * errors[0]
-
-
-def test_guided_eps_fn():
-    cond = lambda x, t: x + 1.0  # noqa: E731
-    uncond = lambda x, t: 2 * x  # noqa: E731
-    x, t = torch.tensor([[1.0, 2.0]]), torch.tensor([5])
-    assert guided_eps_fn(cond, None, 1.0) is cond
-    g = guided_eps_fn(cond, uncond, 3.0)
-    # e_u + 3 (e_c - e_u) = [2, 4] + 3 * ([2, 3] - [2, 4]) = [2, 1]
-    assert g(x, t).tolist() == [[2.0, 1.0]]
-    with pytest.raises(ValueError, match="unconditional"):
-        guided_eps_fn(cond, None, 2.0)
 
 
 def test_bad_arguments():

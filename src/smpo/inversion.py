@@ -75,26 +75,6 @@ def implied_noise(x_t: Tensor, x0: Tensor, t: Tensor, alphas_cumprod: Tensor) ->
     return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
 
 
-def guided_eps_fn(eps_cond: EpsFn, eps_uncond: EpsFn | None, guidance: float) -> EpsFn:
-    """Classifier-free guidance: ``e = e_uncond + w (e_cond - e_uncond)``.
-
-    With ``guidance == 1`` this is ``eps_cond`` itself (no unconditional evaluation), which the
-    paper's Table 6 finds best for inversion.
-    """
-    if guidance == 1.0:
-        return eps_cond
-    if eps_uncond is None:
-        raise ValueError(f"guidance {guidance} != 1 needs an unconditional noise predictor")
-    cond_index, uncond_index = _accepts_index(eps_cond), _accepts_index(eps_uncond)
-
-    def guided(x: Tensor, t: Tensor, index: Tensor | None = None) -> Tensor:
-        e_c = eps_cond(x, t, index=index) if cond_index else eps_cond(x, t)
-        e_u = eps_uncond(x, t, index=index) if uncond_index else eps_uncond(x, t)
-        return e_u + guidance * (e_c - e_u)
-
-    return guided
-
-
 def _accepts_index(fn: EpsFn) -> bool:
     """Whether ``fn`` takes ``index=`` (the batch rows it is called on), so it can be run on a subset."""
     try:

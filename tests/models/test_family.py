@@ -129,3 +129,25 @@ def test_conditioning_cat_index_and_drop_text():
     assert dropped.added["text_embeds"][:, 0].tolist() == [0, -1, 2]
     assert torch.equal(dropped.added["time_ids"], cond.added["time_ids"])  # the image's size/crop stay
     assert cond.to(dtype=torch.float16).hidden_states.dtype == torch.float16
+
+
+def test_guided_fn_is_classifier_free_guidance_in_one_call_on_the_rows_given():
+    from smpo.models.conditioning import guided_fn
+
+    calls: list[int] = []
+
+    def predict(x: torch.Tensor, level: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x + c.hidden_states[:, 0, :]  # a stand-in network: the prompt's state shifts x
+
+    cond = Conditioning(torch.tensor([[[1.0]], [[2.0]], [[3.0]]]))
+    uncond = Conditioning(torch.tensor([[[10.0]]]))
+    x, level = torch.zeros(2, 1), torch.tensor([5, 5])
+    rows = torch.tensor([0, 2])
+    assert guided_fn(predict, cond, None, 1.0)(x, level, index=rows).tolist() == [[1.0], [3.0]]
+    calls.clear()
+    # p_u + 3 (p_c - p_u): 10 + 3 (1 - 10) = -17 and 10 + 3 (3 - 10) = -11, both branches in one call of 4
+    assert guided_fn(predict, cond, uncond, 3.0)(x, level, index=rows).tolist() == [[-17.0], [-11.0]]
+    assert calls == [4]
+    with pytest.raises(ValueError, match="uncond"):
+        guided_fn(predict, cond, None, 2.0)
