@@ -163,6 +163,10 @@ class Row:
     """The median over timed steps of (step time / the bare step run right after it)."""
     bare_ratio_quartiles: list[float] = field(default_factory=list)
     """The first and third quartiles of those per-step ratios (their spread)."""
+    bare_decoded_ratio: float = float("nan")
+    """Rows from images: the same ratio against the bare step plus a plain decoding of the pairs'
+    JPEG bytes (``bare_decode``: PIL decode, bilinear resize, tensor), which any step from images makes."""
+    bare_decoded_ratio_quartiles: list[float] = field(default_factory=list)
     nograd_calls: dict[int, int] = field(default_factory=dict)
     """The timed steps' no-grad UNet calls (inversion and reference), counted by batch size."""
     frozen_call_seconds: dict[int, float] = field(default_factory=dict)
@@ -382,6 +386,16 @@ def bare_encode(fam: FamilyAdapter, pixels: torch.Tensor, captions: list[str]) -
     return latents.float(), encoder(ids.to(encoder.device))[0].float()
 
 
+def bare_decode(jpegs: list[bytes], resolution: int) -> torch.Tensor:
+    """The pixels of JPEG bytes, plainly: PIL decode, bilinear resize to ``resolution``, [-1, 1]."""
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(b)).convert("RGB").resize((resolution, resolution), Image.BILINEAR)
+              for b in jpegs]
+    pixels = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images])
+    return pixels.view(-1, resolution, resolution, 3).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def bare_dpo_step(unet: Any, reference: Any, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                   latents: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor, *, beta: float,
                   max_grad_norm: float, autocast: Any, generator: torch.Generator) -> float:
@@ -475,13 +489,26 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
         captions = [f"a photograph of an astronaut riding a horse, number {i}" for i in range(per_step)]
         with torch.no_grad():
             text = fam.encode_prompts(captions).hidden_states.to(device)
+        if source == "images":  # the bytes of the row's own first pairs
+            import pyarrow.parquet as pq
 
-    def bare_step(step: int) -> float:
-        """Seconds of the bare DPO step (with the encoders for rows from images) of the row's batch size."""
+            table = pq.read_table(data.dataset(fam.resolution) / "shard-00000.parquet", columns=["jpg_0", "jpg_1"])
+            jpegs = [b for pair in zip(table["jpg_0"].to_pylist(), table["jpg_1"].to_pylist()) for b in pair]
+            jpegs = (jpegs * (2 * per_step))[:2 * per_step]
+
+    def bare_step(step: int) -> tuple[float, float]:
+        """Seconds of the bare DPO step (with the encoders for rows from images) of the row's batch
+        size, and of its plain JPEG decoding before it (0 for rows from the cache)."""
         g = torch.Generator().manual_seed(settings.seed + step)
         r = fam.resolution
         latents = torch.randn(2 * per_step, *latent_shape, generator=g).to(device)
         pixels = torch.rand(2 * per_step, 3, r, r, generator=g).mul(2).sub(1).to(device)
+        decoding = 0.0
+        if source == "images":
+            start = clock()
+            decoded = bare_decode(jpegs, r).to(device)
+            decoding = clock() - start
+            assert decoded.shape == pixels.shape
         _sync(device)
         start = clock()
         states = text
@@ -491,7 +518,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
         bare_dpo_step(policy_network, bare_reference, bare_optimizer, bare_params, latents, states, alphas,
                       beta=5000.0, max_grad_norm=config.optim.max_grad_norm or 1.0, autocast=autocast, generator=g)
         _sync(device)
-        return clock() - start
+        return clock() - start, decoding
 
     last_loss = float("nan")
     step_times: list[float] = []
@@ -499,6 +526,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
     full_batch_floors: list[float] = []
     dpo_times: list[float] = []
     bare_times: list[float] = []
+    decode_times: list[float] = []
     call_times: dict[int, list[float]] = {}
     calls_total: dict[int, int] = {}
     dpo_run = dataclasses.replace(setup, config=dataclasses.replace(
@@ -522,7 +550,9 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
             counters = (fam.unet_evals, fam.unet_calls)
             timer.recording = False
             if bare:
-                bare_times.append(bare_step(step))
+                bare_seconds, decode_seconds = bare_step(step)
+                bare_times.append(bare_seconds)
+                decode_times.append(decode_seconds)
             if method in SMPO_ROWS and settings.floor:
                 # The floor, interleaved with the row's steps in this process (the machine's speed
                 # drifts): a DPO step of the same batch, and one frozen call of each size.
@@ -548,6 +578,10 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
     inside = timers.unet_forward + timers.backward + timers.optimizer
     bare_ratios = [a / b for a, b in zip(step_times, bare_times)]
     quartiles = statistics.quantiles(bare_ratios, n=4)[::2] if len(bare_ratios) > 1 else bare_ratios * 2
+    decoded = [b + d for b, d in zip(bare_times, decode_times)] if source == "images" else []
+    decoded_ratios = [a / b for a, b in zip(step_times, decoded)]
+    decoded_quartiles = (statistics.quantiles(decoded_ratios, n=4)[::2] if len(decoded_ratios) > 1
+                         else decoded_ratios * 2)
     row = Row(
         family=settings.family, preset=settings.preset, mode=mode, method=method, source=source,
         pairs_per_step=per_step, pairs=pairs, seconds_per_pair=statistics.median(step_times) / per_step,
@@ -565,6 +599,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
         dpo_ratio=_ratio(step_times, dpo_times),
         bare_seconds_per_pair=statistics.median(bare_times) / per_step if bare_times else float("nan"),
         bare_ratio=_ratio(step_times, bare_times), bare_ratio_quartiles=quartiles,
+        bare_decoded_ratio=_ratio(step_times, decoded), bare_decoded_ratio_quartiles=decoded_quartiles,
     )
     return row
 
@@ -654,12 +689,15 @@ def markdown(results: dict[str, Any]) -> str:
              f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up, "
              f"{results.get('clock', 'wall')} clock.", "",
              "| family | mode | method | source | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
-             "peak memory (GiB) | time outside UNet+optimizer | bare s/pair | x bare (quartiles) | floor s/pair | "
-             "x floor | x full-batch floor | x DPO (same process) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak memory (GiB) | time outside UNet+optimizer | bare s/pair | x bare (quartiles) | "
+             "x bare + decoding (quartiles) | floor s/pair | x floor | x full-batch floor | x DPO (same process) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bare = (f"| {r['bare_seconds_per_pair']:.4f} | {r['bare_ratio']:.3f}x ({r['bare_ratio_quartiles'][0]:.3f}-"
                 f"{r['bare_ratio_quartiles'][1]:.3f}) " if math.isfinite(r["bare_ratio"]) else "| | ")
+        dq = r.get("bare_decoded_ratio_quartiles") or []
+        bare += (f"| {r['bare_decoded_ratio']:.3f}x ({dq[0]:.3f}-{dq[1]:.3f}) "
+                 if math.isfinite(r.get("bare_decoded_ratio", float("nan"))) else "| ")
         floor = (f"| {r['floor_seconds_per_pair']:.4f} | {r['floor_ratio']:.2f}x | {r['full_batch_floor_ratio']:.2f}x | "
                  f"{r['dpo_ratio']:.2f}x |" if math.isfinite(r["floor_seconds_per_pair"]) else "| | | | |")
         lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['source']} | {r['pairs_per_step']} "
@@ -668,7 +706,7 @@ def markdown(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         if "error" in r:
             lines.append(f"| {r['family']} | {r['mode']} | {r['method']} | {r['source']} | failed: {r['error']} "
-                         "| | | | | | | | | | | |")
+                         "| | | | | | | | | | | | |")
     lines += ["", "Memory: " + ("CUDA max_memory_allocated per row." if rows and rows[0]["memory_kind"].startswith("cuda")
                                 else "peak RSS of a fresh process per row (includes building the model and its cache)."),
               "Every row is a `smpo train` run (`prepare_training`, `train_step`) reading a `smpo cache` folder or "
@@ -681,7 +719,8 @@ def markdown(results: dict[str, Any]) -> str:
               "reference call on the 2B latents, the loss, backward, clipping, AdamW), plus the VAE and text-encoder "
               "calls for rows from images, of the row's batch size, run right after each timed step in the same "
               "process; 'x bare' is the median over steps of each step's time over the bare step's, with the first "
-              "and third quartiles of those ratios.",
+              "and third quartiles of those ratios. 'x bare + decoding' (rows from images) adds to the bare step "
+              "a plain decoding of the row's JPEG bytes (PIL decode, bilinear resize, tensor: `bare_decode`).",
               "Floor (SmPO rows), measured in the row's own process, interleaved with its steps (a shared "
               "machine's speed drifts): after each timed step, a DPO step of the same batch "
               "size, plus the step's no-grad UNet calls (inversion; the samples leave it at their own t, so later "

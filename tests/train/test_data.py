@@ -85,3 +85,30 @@ def test_labelled_pairs_read_rows_and_drop_ties(labelled, tmp_path):
     pq.write_table(pa.Table.from_pylist([{"caption": "x", "jpg_0": b""}]), tmp_path / "d" / "s.parquet")
     with pytest.raises(ValueError, match="missing column"):
         LabelledPairs(tmp_path / "d")
+
+
+def test_images_are_read_by_row_group_across_files_in_any_order(tmp_path):
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d").mkdir()
+    n = 0
+    for f, rows in enumerate((7, 1, 12)):  # groups of 3: partial last groups, a one-row file
+        ids = list(range(n, n + rows))
+        pq.write_table(pa.table({"pair_id": [f"p{i}" for i in ids], "caption": [f"c{i}" for i in ids],
+                                 "jpg_0": [f"a{i}".encode() for i in ids], "jpg_1": [f"b{i}".encode() for i in ids],
+                                 "label_0": [0.5 if i % 5 == 0 else 1.0 for i in ids]}),
+                       tmp_path / "d" / f"shard-{f}.parquet", row_group_size=3)
+        n += rows
+    pairs = LabelledPairs(tmp_path / "d", drop_ties=True)
+    kept = [i for i in range(n) if i % 5 != 0]
+    assert len(pairs) == len(kept)
+    order = list(range(len(kept)))
+    random.Random(0).shuffle(order)
+    for start in range(0, len(order), 4):
+        batch = order[start:start + 4]
+        for row, j in zip(pairs.rows(batch), batch):
+            i = kept[j]
+            assert (row["pair_id"], row["jpg_0"], row["jpg_1"]) == (f"p{i}", f"a{i}".encode(), f"b{i}".encode())

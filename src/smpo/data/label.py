@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from smpo.data.schema import ReadStats
+from smpo.data.schema import ROW_GROUP_PAIRS, ReadStats
 from smpo.data.scoring import RunSettings, ScoreFn, score_shards, shard_dir
 from smpo.data.sources import PairSource, open_source
 from smpo.io import atomic_path, prepare_job_output, read_json, write_json
@@ -297,7 +297,7 @@ def with_labels(scored: pa.Table, score_min: float, score_max: float) -> pa.Tabl
 
 def _write_final_shard(path: Path, table: pa.Table) -> None:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_PAIRS)
 
 
 def summarise(out: Path, plan: dict[str, Any], settings: RunSettings) -> LabelSummary:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from smpo.data.generators import GeneratorSpec
+from smpo.data.schema import ROW_GROUP_PAIRS
 from smpo.evaluation.generate import plan_images, sample_batch
 from smpo.io import atomic_path
 from smpo.prompts import Prompt
@@ -91,4 +92,4 @@ def sample_and_score(pipe: Any, spec: GeneratorSpec, prompts: Sequence[Prompt], 
 def write_work_file(path: Path, table: pa.Table) -> None:
     """One generator's images of one shard, atomically."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_PAIRS)

@@ -19,6 +19,9 @@ JSONL_FIELDS = ("prompt", "image_0", "image_1", "label_0")
 HUMAN_LABELS = (0.0, TIE, 1.0)
 ID_COLUMNS = ("pair_id", "ranking_id")  # first one present names the pairs; else the row index
 DEFAULT_BATCH_ROWS = 64
+ROW_GROUP_PAIRS = 64
+"""Pairs per parquet row group in the sets smpo writes (label, pairs): training reads a pair's images by
+reading its row group, so a small group keeps random access cheap at any size of set."""
 
 
 class MissingColumnsError(ValueError):

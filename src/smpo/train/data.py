@@ -106,6 +106,18 @@ class LabelledPairs:
         if not files or not files[0].exists():
             raise FileNotFoundError(f"no parquet shards found in {self.folder} (expected the output of `smpo label`)")
         self._dataset = ds.dataset([str(f) for f in files], format="parquet")
+        self._files = [str(f) for f in files]
+        # Where each row of the files is: (file, row group) of every group, and the groups' first rows.
+        # Dataset.take would scan the files up to the rows it is asked for; a row group is read instead.
+        self._groups: list[tuple[int, int]] = []
+        starts = [0]
+        for i, fragment in enumerate(self._dataset.get_fragments()):
+            for g, group in enumerate(fragment.metadata.to_dict()["row_groups"]):
+                self._groups.append((i, g))
+                starts.append(starts[-1] + group["num_rows"])
+        self._group_starts = np.asarray(starts)
+        self._handles: dict[int, Any] = {}
+        self._last_group: tuple[int, Any] | None = None  # the last group read (neighbouring rows share it)
         names = self._dataset.schema.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
@@ -129,11 +141,22 @@ class LabelledPairs:
         """The rows at ``indices`` as dicts (with ``jpg_0``/``jpg_1`` bytes when ``images``)."""
         out = [{k: v[i] for k, v in self.meta.items()} for i in indices]
         if images:
-            file_rows = [self.rows_in_files[i] for i in indices]
-            table = self._dataset.take(file_rows, columns=["jpg_0", "jpg_1"]).to_pydict()
-            for row, jpg_0, jpg_1 in zip(out, table["jpg_0"], table["jpg_1"]):
-                row["jpg_0"], row["jpg_1"] = jpg_0, jpg_1
+            for row, i in zip(out, indices):
+                row["jpg_0"], row["jpg_1"] = self._images(self.rows_in_files[i])
         return out
+
+    def _images(self, file_row: int) -> tuple[bytes, bytes]:
+        """The two image columns of one row of the files, read with its row group."""
+        import pyarrow.parquet as pq
+
+        group = int(np.searchsorted(self._group_starts, file_row, side="right")) - 1
+        if self._last_group is None or self._last_group[0] != group:
+            f, g = self._groups[group]
+            if f not in self._handles:
+                self._handles[f] = pq.ParquetFile(self._files[f])
+            self._last_group = (group, self._handles[f].read_row_group(g, columns=["jpg_0", "jpg_1"]))
+        table, at = self._last_group[1], file_row - int(self._group_starts[group])
+        return table.column("jpg_0")[at].as_py(), table.column("jpg_1")[at].as_py()
 
 
 # ---------------------------------------------------------------------------------------------
