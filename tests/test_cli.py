@@ -60,6 +60,13 @@ def test_train_takes_model_like_the_other_commands():
         "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
+@pytest.mark.parametrize("command, argv, dest", [("train", [], "model.unet"),
+                                                 ("generate", ["--model", "p", "--prompts", "parti", "--output", "o"], "unet")])
+def test_network_names_the_trained_unet_or_transformer_and_unet_still_works(command, argv, dest):
+    assert vars(_parse(command, [*argv, "--network", "runs/a/final/transformer"]))[dest] == "runs/a/final/transformer"
+    assert vars(_parse(command, [*argv, "--unet", "runs/a/final/unet"]))[dest] == "runs/a/final/unet"
+
+
 def test_label_output_as_argument_or_option(tmp_path, capsys):
     from smpo.data.label import _output
 

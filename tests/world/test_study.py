@@ -141,3 +141,43 @@ def test_cached_inversion_rung_trains_from_the_study_cache(tmp_path):
         # the stored levels answer the authors' grid: only the loss's 4 calls per pair remain (2 x 2 pairs),
         # except for images whose prompt was dropped (inverted live)
         assert min(run["unet_evals"]) == 8
+
+
+def test_a_grid_whose_best_rate_lies_at_an_edge_is_extended_past_it_until_the_best_is_inside():
+    from dataclasses import replace
+
+    from smpo.world.study.analysis import choose_learning_rates, extend_grids, next_rate, tuning_markdown
+
+    assert [next_rate(lr, -1) for lr in (1e-4, 3e-5, 1e-5, 3e-6)] == [3e-5, 1e-5, 3e-6, 1e-6]
+    assert [next_rate(lr, +1) for lr in (1e-5, 3e-5, 1e-4)] == [3e-5, 1e-4, 3e-4]
+    cfg = replace(QUICK, rungs=("dpo", "sft"), lr_grid=(1e-5, 3e-5, 1e-4), lr_bounds=(1e-6, 3e-4))
+    best = {"dpo": 3e-6, "sft": 3e-5}  # the validation lift peaks there: dpo's best lies below the grid
+
+    def results_for(grids):
+        out = {Job("base", 0.0, s, "validation").name: {"scores": {"0": [0.0, 0.0]}} for s in cfg.tune_seeds}
+        for rung, rates in grids.items():
+            for lr in rates:
+                lift = 0.1 - abs(np.log10(lr) - np.log10(best[rung]))
+                for s in cfg.tune_seeds:
+                    out[Job(rung, lr, s, "validation").name] = {"scores": {"40": [lift, lift]}}
+        return out
+
+    grids = {r: list(cfg.lr_grid) for r in cfg.rungs}
+    rounds = []
+    while True:
+        chosen = choose_learning_rates(cfg, results_for(grids), grids)
+        extended = extend_grids(cfg, chosen, grids)
+        rounds.append(extended)
+        if not extended:
+            break
+    assert rounds == [["dpo"], ["dpo"], []]  # 3e-6 is tried, then 1e-6 shows 3e-6 is the peak
+    assert grids == {"dpo": [1e-6, 3e-6, 1e-5, 3e-5, 1e-4], "sft": [1e-5, 3e-5, 1e-4]}
+    assert {r: (c["learning_rate"], c["edge"]) for r, c in chosen.items()} == {"dpo": (3e-6, None), "sft": (3e-5, None)}
+    table = tuning_markdown(cfg, chosen)
+    assert "lr 1e-06 | lr 3e-06 | lr 1e-05" in table and "| SFT (winners) |  |  | " in table
+    # At a bound the grid stops, and the table says the best is still at an edge.
+    cfg = replace(cfg, lr_bounds=(1e-5, 1e-4))
+    grids = {r: list(cfg.lr_grid) for r in cfg.rungs}
+    chosen = choose_learning_rates(cfg, results_for(grids), grids)
+    assert extend_grids(cfg, chosen, grids) == [] and chosen["dpo"]["edge"] == "low"
+    assert "1e-05 (at the low bound)" in tuning_markdown(cfg, chosen)

@@ -309,8 +309,8 @@ _CHOICES = {"scheduler": sorted(SCHEDULERS), "control_type": list(CONTROL_TYPES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_arguments(parser, GenerateConfig, aliases={"out": ("--output",), "guidance_scale": ("--cfg",)},
-                            choices=_CHOICES)
+    add_dataclass_arguments(parser, GenerateConfig, choices=_CHOICES,
+                            aliases={"out": ("--output",), "guidance_scale": ("--cfg",), "unet": ("--network",)})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,7 +48,8 @@ class ModelConfig:
     vae: str | None = None
     """Optional separate VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16."""
     unet: str | None = None
-    """Optional initial UNet (folder or hub id); the paper's SD1.5 run starts from an SFT-tuned UNet."""
+    """Optional initial network (`--network`): a UNet, or an SD3/FLUX transformer (folder or hub id); the paper's
+    SD1.5 run starts from an SFT-tuned UNet."""
     revision: str | None = None
     """Hub revision of `pretrained`."""
     finetune: Literal["full", "lora"] = "full"
@@ -267,7 +268,8 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 # Extra spellings of some options, so that every command takes ``--model`` and ``--output``.
-ALIASES: dict[str, tuple[str, ...]] = {"output_dir": ("--output",), "pretrained": ("--model",)}
+ALIASES: dict[str, tuple[str, ...]] = {"output_dir": ("--output",), "pretrained": ("--model",),
+                                      "unet": ("--network",)}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

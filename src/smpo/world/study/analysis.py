@@ -20,13 +20,16 @@ def lift_and_win(scores: list[float], base_scores: list[float]) -> tuple[float, 
     return float(np.median(scores) - np.median(base_scores)), win_rate(scores, base_scores)
 
 
-def choose_learning_rates(cfg: StudyConfig, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per rung: the validation lift of every grid rate (mean over tuning seeds) and the chosen one
-    (the highest mean lift; the smaller rate on an exact tie)."""
+def choose_learning_rates(cfg: StudyConfig, results: dict[str, dict[str, Any]],
+                          grids: dict[str, list[float]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per rung: the validation lift of every rate tried (``grids[rung]``, default ``cfg.lr_grid``;
+    mean over tuning seeds) and the chosen one (the highest mean lift; the smaller rate on an exact
+    tie), with ``edge``: ``"low"``/``"high"`` where the chosen rate is the smallest/largest tried."""
     chosen = {}
     for rung in cfg.rungs:
+        rates = sorted((grids or {}).get(rung, cfg.lr_grid))
         table = {}
-        for lr in cfg.lr_grid:
+        for lr in rates:
             lifts = []
             for seed in cfg.tune_seeds:
                 run = results[Job(rung, lr, seed, "validation").name]
@@ -34,9 +37,32 @@ def choose_learning_rates(cfg: StudyConfig, results: dict[str, dict[str, Any]]) 
                 final = run["scores"][max(run["scores"], key=int)]
                 lifts.append(lift_and_win(final, base["scores"]["0"])[0])
             table[f"{lr:g}"] = {"lifts": lifts, "mean": float(np.mean(lifts))}
-        best = max(cfg.lr_grid, key=lambda lr: (table[f"{lr:g}"]["mean"], -lr))
-        chosen[rung] = {"learning_rate": best, "validation": table}
+        best = max(rates, key=lambda lr: (table[f"{lr:g}"]["mean"], -lr))
+        edge = "low" if best == rates[0] else "high" if best == rates[-1] else None
+        chosen[rung] = {"learning_rate": best, "validation": table, "edge": edge}
     return chosen
+
+
+def next_rate(lr: float, direction: int) -> float:
+    """The rate half a decade below (``direction=-1``) or above (``+1``) ``lr`` on the 1-3-10 ladder
+    (1e-5 -> 3e-6 -> 1e-6; 1e-4 -> 3e-4 -> 1e-3)."""
+    exponent = int(np.floor(np.log10(lr) + 1e-9))
+    step = 2 * exponent + (1 if lr / 10.0 ** exponent >= 2 else 0) + direction  # 1e-5 is 2*(-5), 3e-5 one more
+    return float(f"{(3 if step % 2 else 1)}e{step // 2}")
+
+
+def extend_grids(cfg: StudyConfig, chosen: dict[str, dict[str, Any]], grids: dict[str, list[float]]) -> list[str]:
+    """Add to ``grids`` the next rate past each rung's chosen edge, within ``cfg.lr_bounds``; the rungs extended."""
+    low, high = cfg.lr_bounds
+    extended = []
+    for rung, c in chosen.items():
+        if c["edge"] is None or len(grids[rung]) < 2:
+            continue
+        lr = next_rate(c["learning_rate"], -1 if c["edge"] == "low" else 1)
+        if low * (1 - 1e-9) <= lr <= high * (1 + 1e-9) and lr not in grids[rung]:
+            grids[rung] = sorted([*grids[rung], lr])
+            extended.append(rung)
+    return extended
 
 
 def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict[str, dict[str, Any]]
@@ -94,14 +120,17 @@ def table_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
 
 
 def tuning_markdown(cfg: StudyConfig, chosen: dict[str, dict[str, Any]]) -> str:
-    """The tuning's table: the validation lift of every grid rate per rung, and the chosen rate."""
-    head = "| rung | " + " | ".join(f"lr {lr:g}" for lr in cfg.lr_grid) + " | chosen |"
-    lines = [head, "|---|" + "---|" * (len(cfg.lr_grid) + 1)]
+    """The tuning's table: the validation lift of every rate each rung tried (blank where a rung did
+    not try it), and the chosen rate (marked where it still lies at an edge: the grid's bound)."""
+    rates = sorted({float(lr) for c in chosen.values() for lr in c["validation"]})
+    head = "| rung | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |"
+    lines = [head, "|---|" + "---|" * (len(rates) + 1)]
     for rung, c in chosen.items():
-        cells = [f"{c['validation'][f'{lr:g}']['mean']:+.4f}" for lr in cfg.lr_grid]
-        lines.append(f"| {RUNG_BY_KEY[rung].label} | " + " | ".join(cells) + f" | {c['learning_rate']:g} |")
+        cells = [f"{c['validation'][f'{lr:g}']['mean']:+.4f}" if f"{lr:g}" in c["validation"] else ""
+                 for lr in rates]
+        mark = f" (at the {c['edge']} bound)" if c.get("edge") else ""
+        lines.append(f"| {RUNG_BY_KEY[rung].label} | " + " | ".join(cells) + f" | {c['learning_rate']:g}{mark} |")
     return "\n".join(lines) + "\n"
-
 
 
 def report_markdown(cfg: StudyConfig, data: dict[str, Any], table: str) -> str:
@@ -112,8 +141,9 @@ def report_markdown(cfg: StudyConfig, data: dict[str, Any], table: str) -> str:
         "# smpo study: the ablation ladder in the miniature world",
         "",
         f"Budget (every rung): {cfg.train_steps} steps of {cfg.batch_size} pairs, full fine-tuning, from the "
-        f"shipped base, on the labelled pair set `{data['dataset']}`. Learning rates tuned on the grid "
-        f"{', '.join(f'{lr:g}' for lr in cfg.lr_grid)} by the validation median lift ({validation} prompts x "
+        f"shipped base, on the labelled pair set `{data['dataset']}`. Learning rates tuned from the grid "
+        f"{', '.join(f'{lr:g}' for lr in cfg.lr_grid)}, extended past an edge where a rung's best lay on it "
+        f"(within {cfg.lr_bounds[0]:g}-{cfg.lr_bounds[1]:g}), by the validation median lift ({validation} prompts x "
         f"{cfg.validation_images_per_prompt} images, seeds {', '.join(map(str, cfg.tune_seeds))}); 'paper' rows "
         f"use learning rate {cfg.paper_lr:g}. Reported on {held_out} held-out prompts x {cfg.images_per_prompt} "
         f"images, seeds {', '.join(map(str, cfg.seeds))} (mean over seeds [95% t-interval]); sampling "

@@ -22,14 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from smpo.io import atomic_path, prepare_output_dir, read_json, refuse_changed_settings, write_json
-from smpo.world.study.analysis import choose_learning_rates, report_markdown, summarise, table_markdown
+from smpo.world.study.analysis import (
+    choose_learning_rates,
+    extend_grids,
+    report_markdown,
+    summarise,
+    table_markdown,
+)
 from smpo.world.study.jobs import build_inversion_cache, finished_results, run_jobs
 from smpo.world.study.plot import plot_study
 from smpo.world.study.rungs import Job, StudyConfig
 
 SETTINGS_FILE = "study-settings.json"
-RESUMABLE_SETTINGS = ("rungs", "seeds", "curve_rungs")
-"""Settings a study may be resumed with changed: they add or drop jobs, not change any."""
+RESUMABLE_SETTINGS = ("rungs", "seeds", "curve_rungs", "lr_bounds")
+"""Settings a study may be resumed with changed: they add or drop jobs, not change any (``lr_bounds``:
+how far the tuning may extend a grid)."""
 
 
 def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str | Path | None = None,
@@ -62,17 +69,26 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
         build_inversion_cache(cfg, root, base, dataset, threads=max(workers, 1), progress=progress)
 
     progress("smpo study: tuning learning rates on the validation prompts")
-    tune = [Job("base", 0.0, s, "validation") for s in cfg.tune_seeds]
-    tune += [Job(r, lr, s, "validation") for r in cfg.rungs for lr in cfg.lr_grid for s in cfg.tune_seeds]
-    if report_only:
-        results = finished_results(tune, root)
-        missing = [j.name for j in tune if j.name not in results]
-        if missing:
-            raise ValueError(f"{root}: the tuning is not finished ({len(missing)} runs missing, e.g. {missing[0]}); "
-                             "run the study without --report-only")
-    else:
-        results = run_jobs(tune, cfg, root, base, dataset, workers=workers, progress=progress)
-    chosen = choose_learning_rates(cfg, results)
+    grids = {r: sorted(cfg.lr_grid) for r in cfg.rungs}
+    results: dict[str, Any] = {}
+    while True:  # extend each rung's grid past the edge its best lies on, until every best is inside
+        tune = [Job("base", 0.0, s, "validation") for s in cfg.tune_seeds]
+        tune += [Job(r, lr, s, "validation") for r in cfg.rungs for lr in grids[r] for s in cfg.tune_seeds]
+        if report_only:
+            results.update(finished_results(tune, root))
+            missing = [j.name for j in tune if j.name not in results]
+            if missing:
+                raise ValueError(f"{root}: the tuning is not finished ({len(missing)} runs missing, e.g. "
+                                 f"{missing[0]}); run the study without --report-only")
+        else:
+            results.update(run_jobs(tune, cfg, root, base, dataset, workers=workers, progress=progress))
+        chosen = choose_learning_rates(cfg, results, grids)
+        extended = extend_grids(cfg, chosen, grids)
+        if not extended:
+            break
+        progress("smpo study: best rate at an edge of the grid, extended: " + ", ".join(
+            f"{r} ({chosen[r]['learning_rate']:g} -> tries {', '.join(f'{lr:g}' for lr in grids[r])})"
+            for r in extended))
 
     progress("smpo study: held-out runs (paper defaults and tuned rates)")
     report = [Job("base", 0.0, s, "held_out") for s in cfg.seeds]

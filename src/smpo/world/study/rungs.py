@@ -74,7 +74,11 @@ class StudyConfig:
     tune_seeds: tuple[int, ...] = (1000, 1001)
     """tuning seeds, never reported"""
     lr_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4)
-    """learning rates tried in the tuning (the same for every rung)"""
+    """learning rates every rung's tuning starts from"""
+    lr_bounds: tuple[float, float] = (1e-7, 1e-2)
+    """the tuning extends a rung's grid past an edge its best rate lies on (half a decade at a time: 1e-5,
+    3e-6, 1e-6, ...) until the best lies inside, within these bounds; equal bounds to the grid's ends turn
+    the extension off"""
     paper_lr: float = 1e-5
     """the 'paper' rows' learning rate: the paper's per-step rate, 1e-8 per pair x 1024 pairs a step"""
     train_steps: int = 40
@@ -98,7 +102,7 @@ class StudyConfig:
 
 
 QUICK = StudyConfig(rungs=("dpo", "smpo-t", "sft"), seeds=(0, 1), tune_seeds=(1000,), lr_grid=(1e-5, 1e-4),
-                    paper_lr=1e-5, train_steps=2, batch_size=2, eval_every=1, images_per_prompt=1,
+                    lr_bounds=(3e-6, 1e-4), paper_lr=1e-5, train_steps=2, batch_size=2, eval_every=1, images_per_prompt=1,
                     validation_images_per_prompt=1, sample_steps=4, max_prompts=6,
                     curve_rungs=("dpo", "smpo-t", "sft"))
 
