@@ -60,6 +60,7 @@ from smpo.io import (
 from smpo.options import add_dataclass_arguments, dataclass_from_args, field_docs
 
 PAIRS_FILE = "pairs.json"
+IMAGE_SCORES_FILE = "image_scores.json"
 WORK_DIR = ".work"
 FORMAT = "smpo-pairs/1"
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -111,6 +112,8 @@ class PairsConfig:
     """Upper end of the score range of Eq. 11 (default: the highest score of a paired image)."""
     pair_id_prefix: str = ""
     """Put before every pair_id (`<prefix><prompt index>-<pair index>`), to keep the ids of several sets distinct."""
+    keep_image_scores: bool = False
+    """Also keep every image's score, paired or not, in image_scores.json (generator, prompt_index, image_index, seed, score)."""
     categories: list[str] | None = None
     """Keep only these prompt categories."""
     limit: int | None = None
@@ -331,6 +334,12 @@ def finalise(out: Path, specs: list[GeneratorSpec], num_shards: int, config: Pai
         table = with_labels(pair_table(images, _prompt_pairs(images, config), specs, config), score_min, score_max)
         names.append(shard_name(k, num_shards))
         write_work_file(out / names[-1], table)
+    if config.keep_image_scores:
+        columns = ["prompt_index", "image_index", "seed", "score"]
+        tables = [_images(work, specs, k, columns=columns) for k in range(num_shards)]
+        kept = pa.concat_tables(tables).to_pydict()
+        kept["generator"] = [specs[j].name for j in kept["generator"]]
+        write_json(out / IMAGE_SCORES_FILE, kept)
     summary = _summary(out, names, by_generator, score_min, score_max, seconds)
     write_json(out / PAIRS_FILE, {"format": FORMAT, "summary": summary, "score_min": score_min,
                                   "score_max": score_max, "shards": names,
