@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     repeated = {name: given.pop(name) for name in _REPEATED if name in given}
     config = dataclasses.replace(dataclass_from_args(_config_class(), args, choices=_CHOICES), **repeated)
     summary = run_online(config)
-    if process_state().is_main_process:
+    state = process_state()
+    if state.is_main_process:
         print(format_summary(summary))
+    state.destroy_process_group()
     return 0
 
 

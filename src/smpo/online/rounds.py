@@ -142,7 +142,7 @@ def _run_round(config: OnlineConfig, recipe: Any, r: int, records: list[dict[str
     train_config = round_train_config(recipe, config, r, dataset=dataset, run_dir=folder / "train",
                                       policy=policy, base_network=base_network)
     started = time.perf_counter()
-    result = train(train_config)
+    result = train(train_config, end_process_group=False)  # the next round uses the launch's group
     seconds = _record_timing(folder, state, training=time.perf_counter() - started)
     export = result.export
     _release()
