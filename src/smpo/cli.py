@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("smpo.data.label", "score preference pairs with a reward model and write smoothed labels (p_win)"),
     "cache": ("smpo.data.cache", "precompute VAE latents and text embeddings of a labelled dataset"),
     "train": ("smpo.train.cli", "train SmPO, Diffusion-DPO, Diffusion-KTO, MaPO or SFT"),
+    "online": ("smpo.online.cli", "rounds of sampling with the current policy, scoring, pairing and training"),
     "generate": ("smpo.evaluation.generate", "generate images for a prompt set with a fixed seed per prompt"),
     "evaluate": ("smpo.evaluation.evaluate", "score generated images with the reward models"),
     "compare": ("smpo.evaluation.compare", "win rates and a report comparing evaluated models"),

@@ -60,6 +60,7 @@ from smpo.io import (
 from smpo.options import add_dataclass_arguments, dataclass_from_args, field_docs
 
 PAIRS_FILE = "pairs.json"
+IMAGE_SCORES_FILE = "image_scores.json"
 WORK_DIR = ".work"
 FORMAT = "smpo-pairs/1"
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -105,6 +106,14 @@ class PairsConfig:
     """Most pairs per prompt (none: as many as the rule gives)."""
     across_generators: bool = False
     """Pair only images of two different generators."""
+    score_min: float | None = None
+    """Lower end of the score range of Eq. 11 (default: the lowest score of a paired image)."""
+    score_max: float | None = None
+    """Upper end of the score range of Eq. 11 (default: the highest score of a paired image)."""
+    pair_id_prefix: str = ""
+    """Put before every pair_id (`<prefix><prompt index>-<pair index>`), to keep the ids of several sets distinct."""
+    keep_image_scores: bool = False
+    """Also keep every image's score, paired or not, in image_scores.json (generator, prompt_index, image_index, seed, score)."""
     categories: list[str] | None = None
     """Keep only these prompt categories."""
     limit: int | None = None
@@ -150,6 +159,8 @@ def make_pairs(config: PairsConfig) -> dict[str, Any]:
                         ("score_batch_size", config.score_batch_size), ("shard_size", config.shard_size)):
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if config.score_min is not None and config.score_max is not None and config.score_max <= config.score_min:
+        raise ValueError(f"--score-max {config.score_max} must be above --score-min {config.score_min}")
     prompts = load_prompts(config.prompts, categories=config.categories, limit=config.limit)
     for s in specs:
         check_model_source(s.model, f"--model {s.name}")
@@ -224,8 +235,9 @@ def _settings(config: PairsConfig, specs: list[GeneratorSpec], families: list[st
     """Everything that fixes the bytes of the set; a resumed run must repeat it."""
     keys = ("prompts", "images_per_prompt", "seed", "seed_per_prompt", "pairing", "min_gap", "pairs_per_prompt",
             "across_generators", "categories", "limit", "batch_size", "score_batch_size", "shard_size",
-            "image_format")
-    return {**{k: getattr(config, k) for k in keys}, "dtype": dtype, "scorer": weights, "scorer_paths": scorer_paths,
+            "image_format", "score_min", "score_max")
+    extra = {"pair_id_prefix": config.pair_id_prefix} if config.pair_id_prefix else {}  # absent from older runs
+    return {**{k: getattr(config, k) for k in keys}, **extra, "dtype": dtype, "scorer": weights, "scorer_paths": scorer_paths,
             "generators": [{**asdict(s), "family": f} for s, f in zip(specs, families)]}
 
 
@@ -276,7 +288,7 @@ def pair_table(images: pa.Table, pairs: list[tuple[int, int, int]], specs: list[
     for p, w, lo in pairs:
         r = counts[p] = counts.get(p, -1) + 1
         first, second = (w, lo) if winner_first(config.seed, p, r) else (lo, w)
-        row = {"pair_id": f"{p}-{r}", "caption": data["caption"][w], "label_0": float(first == w),
+        row = {"pair_id": f"{config.pair_id_prefix}{p}-{r}", "caption": data["caption"][w], "label_0": float(first == w),
                "label_1": float(second == w), "best_image_uid": uid[w], "prompt_index": p}
         for side, i in ((0, first), (1, second)):
             row.update({f"jpg_{side}": data["image"][i], f"model_{side}": names[i], f"image_{side}_uid": uid[i],
@@ -314,12 +326,20 @@ def finalise(out: Path, specs: list[GeneratorSpec], num_shards: int, config: Pai
         raise ValueError(f"no pairs: no prompt has two images whose scores differ by at least --min-gap "
                          f"{config.min_gap} (rule {config.pairing})")
     score_min, score_max = score_range(paired)
+    score_min = score_min if config.score_min is None else config.score_min
+    score_max = score_max if config.score_max is None else config.score_max
     names = []
     for k in range(num_shards):
         images = _images(work, specs, k)
         table = with_labels(pair_table(images, _prompt_pairs(images, config), specs, config), score_min, score_max)
         names.append(shard_name(k, num_shards))
         write_work_file(out / names[-1], table)
+    if config.keep_image_scores:
+        columns = ["prompt_index", "image_index", "seed", "score"]
+        tables = [_images(work, specs, k, columns=columns) for k in range(num_shards)]
+        kept = pa.concat_tables(tables).to_pydict()
+        kept["generator"] = [specs[j].name for j in kept["generator"]]
+        write_json(out / IMAGE_SCORES_FILE, kept)
     summary = _summary(out, names, by_generator, score_min, score_max, seconds)
     write_json(out / PAIRS_FILE, {"format": FORMAT, "summary": summary, "score_min": score_min,
                                   "score_max": score_max, "shards": names,

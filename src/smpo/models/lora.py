@@ -171,3 +171,30 @@ def reference_view(unet: Any) -> AdaptersOffView:
         raise ValueError("reference_view needs a UNet with a LoRA adapter (call add_lora first); "
                          "for full fine-tuning load a separate frozen copy as the reference")
     return AdaptersOffView(unet)
+
+
+def load_lora_weights(unet: Any, folder: str, *, adapter_name: str = ADAPTER_NAME) -> Any:
+    """Set the adapter ``adapter_name`` of ``unet`` (made by :func:`add_lora` with the same rank and
+    targets) to the weights an ``smpo train`` LoRA export holds (``folder``: a ``final/lora`` folder
+    with ``pytorch_lora_weights.safetensors``, diffusers' format). Every adapter weight must be
+    found. Returns ``unet``."""
+    from pathlib import Path
+
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder)
+    path = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no pytorch_lora_weights.safetensors (an `smpo train` final/lora folder)")
+    state = load_file(str(path))
+    prefixes = {key.split(".", 1)[0] for key in state}  # unet. or transformer.: the network's keyword
+    state = {key.split(".", 1)[1] if len(prefixes) == 1 else key: value for key, value in state.items()}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name=adapter_name)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and adapter_name in k]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the LoRA adapters of this network (rank, alpha, targets): "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return unet

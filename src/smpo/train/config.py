@@ -59,6 +59,12 @@ class ModelConfig:
     """LoRA rank (with --finetune lora)."""
     lora_alpha: float | None = None
     """LoRA alpha; default: equal to the rank (scale 1)."""
+    lora_weights: str | None = None
+    """With --finetune lora: start the adapters from these weights (an `smpo train` run's final/lora
+    folder, same rank and alpha) instead of fresh ones; the reference stays the adapters-off network."""
+    reference_unet: str | None = None
+    """Full fine-tuning: the frozen reference network (folder or hub id, as --unet) when it is not the
+    initial UNet; e.g. the base model's while --unet starts from an earlier run (`smpo online`)."""
     gradient_checkpointing: bool = False
     """Recompute UNet activations in the backward pass: less memory, about 30% more time."""
     reference_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -195,6 +201,10 @@ class TrainConfig:
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (self.optim.learning_rate > 0, "optim.learning_rate must be > 0"),
             (self.model.lora_rank >= 1, "model.lora_rank must be >= 1"),
+            (self.model.lora_weights is None or self.model.finetune == "lora",
+             "model.lora_weights needs model.finetune lora"),
+            (self.model.reference_unet is None or self.model.finetune == "full",
+             "model.reference_unet is for full fine-tuning (a LoRA run's reference is its adapters-off network)"),
             (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
             (self.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0"),
             (self.run.log_every >= 1, "run.log_every must be >= 1"),

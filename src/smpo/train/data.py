@@ -387,7 +387,8 @@ def check_cached_inversion(config: Any, cache: Any) -> None:
         raise ValueError("data.cached_inversion stores the reference's inversion: it needs objective.noising "
                          "renoise or ddim-inversion, objective.inverting_network=reference and no inversion_noise "
                          f"(got {objective.noising}, {objective.inverting_network}, {objective.inversion_noise})")
-    differing = spec.mismatches(objective, config.data.size_conditioning, config.model.unet or config.model.pretrained)
+    reference = config.model.reference_unet or config.model.unet or config.model.pretrained
+    differing = spec.mismatches(objective, config.data.size_conditioning, reference)
     if differing:
         raise ValueError(f"data.cached_inversion: the cache {cache.folder} was inverted with other settings "
                          f"({'; '.join(differing)}); remake it or change the run")

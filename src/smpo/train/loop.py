@@ -75,11 +75,14 @@ class TrainResult:
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
-def train(config: TrainConfig, *, on_step: StepCallback | None = None) -> TrainResult:
+def train(config: TrainConfig, *, on_step: StepCallback | None = None,
+          end_process_group: bool = True) -> TrainResult:
     """Train with ``config``; return the run's outputs. See the module docstring.
 
     ``on_step(step, metrics)`` is called on every process after each optimizer step (step counts
     from 1); an exception it raises stops the run there (tests use it to kill a run).
+    ``end_process_group=False`` keeps the launch's process group for a caller that goes on using
+    it (``smpo online``'s next round); the trackers are finished either way.
     """
     config = resolve_config(config)
     accelerator = make_accelerator(config)
@@ -122,7 +125,11 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None) -> TrainR
     result.checkpoints = list_checkpoints(run_dir)
     result.export = export(accelerator, policy, run_dir, config, family.name, step=result.step,
                            metrics=result.metrics[-1] if result.metrics else None)
-    accelerator.end_training()
+    if end_process_group:
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
     return result
 
 

@@ -151,7 +151,7 @@ def setup_models(family: Any, config: TrainConfig) -> tuple[Any, Any]:
     if config.model.finetune == "lora":
         reference = _add_adapters(unet, config)
     else:
-        reference = _frozen_copy(unet, config) if config.objective.needs_reference else None
+        reference = _frozen_copy(unet, config, family) if config.objective.needs_reference else None
         unet.requires_grad_(True)
     if config.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -182,16 +182,26 @@ def _add_adapters(unet: Any, config: TrainConfig) -> Any:
     if half is not None:
         unet.to(dtype=half)
     add_lora(unet, rank=config.model.lora_rank, alpha=config.model.lora_alpha)
+    if config.model.lora_weights is not None:
+        from smpo.models.lora import load_lora_weights
+
+        load_lora_weights(unet, config.model.lora_weights)
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     return reference_view(unet) if config.objective.needs_reference else None
 
 
-def _frozen_copy(unet: Any, config: TrainConfig) -> Any:
-    """The full fine-tuning reference: a frozen copy of the initial UNet."""
+def _frozen_copy(unet: Any, config: TrainConfig, family: Any) -> Any:
+    """The full fine-tuning reference: a frozen copy of the initial UNet, or ``model.reference_unet``."""
     import copy
 
+    m = config.model
+    if m.reference_unet is not None:
+        from smpo.models import load_family
+
+        unet = load_family(m.pretrained, family=family.name, vae=m.vae, unet=m.reference_unet, revision=m.revision,
+                           dtype=torch.float32, device=family.device).unet
     reference = copy.deepcopy(unet).requires_grad_(False).eval()
     dtype = _reference_dtype(config)
     if dtype != reference.dtype:
