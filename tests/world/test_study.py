@@ -181,3 +181,27 @@ def test_a_grid_whose_best_rate_lies_at_an_edge_is_extended_past_it_until_the_be
     chosen = choose_learning_rates(cfg, results_for(grids), grids)
     assert extend_grids(cfg, chosen, grids) == [] and chosen["dpo"]["edge"] == "low"
     assert "1e-05 (at the low bound)" in tuning_markdown(cfg, chosen)
+
+
+def test_an_online_rung_trains_with_smpo_online_and_counts_its_sampling(tmp_path):
+    from dataclasses import replace
+
+    from smpo.world.model import base_path
+    from smpo.world.study import run_job
+    from smpo.world.study.analysis import summarise
+
+    cfg = replace(QUICK, rungs=("online-dpo-round",), max_prompts=2)
+    job = Job("online-dpo-round", 1e-5, 0, "held_out", curve=True)
+    result = run_job(job, cfg, tmp_path, base_path(), tmp_path / "unused-pair-set")
+    rounds = result["online_rounds"]
+    # 2 rounds of 1 step, each sampling 2 prompts (1 step x 2 pairs) x 2 images with its own policy
+    assert [r["steps"] for r in rounds] == [1, 2] and sorted(result["scores"]) == ["1", "2"]
+    assert [r["samples"]["images"] for r in rounds] == [4, 4] and all(r["pairs"] <= 2 for r in rounds)
+    assert result["sampling_network_evals"] == 2 * 4 * QUICK.sample_steps * 2  # CFG: two evaluations a step
+    assert rounds[1]["network_evals"] == result["sampling_network_evals"] + sum(result["unet_evals"])
+    assert len(result["unet_evals"]) == 2 and result["objective"]["method"] == "dpo"
+    base = run_job(Job("base", 0.0, 0, "held_out"), cfg, tmp_path, base_path(), tmp_path / "unused-pair-set")
+    [row] = [r for r in summarise(cfg, {job.name: result, "base/seed0-held_out": base},
+                                  {"online-dpo-round": {"learning_rate": 1e-5}}) if r["setting"] == "tuned"]
+    assert row["sampling_evals_per_step"] == result["sampling_network_evals"] / 2
+    assert row["unet_evals_per_step"] == pytest.approx(sum(result["unet_evals"]) / 2 + row["sampling_evals_per_step"])

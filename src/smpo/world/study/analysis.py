@@ -72,7 +72,7 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
     for rung in cfg.rungs:
         settings = [("paper", cfg.paper_lr), ("tuned", chosen[rung]["learning_rate"])]
         for setting, lr in settings:
-            lifts, wins, curves, evals, seconds, seeds = [], [], [], [], [], []
+            lifts, wins, curves, evals, sampling, seconds, seeds = [], [], [], [], [], [], []
             for seed in cfg.seeds:
                 run = results.get(Job(rung, lr, seed, "held_out").name)
                 base_run = results.get(Job("base", 0.0, seed, "held_out").name)
@@ -85,8 +85,11 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
                 lifts.append(lift)
                 wins.append(win)
                 curves.append({int(s): lift_and_win(v, base)[0] for s, v in run["scores"].items()})
-                evals.append(float(np.mean(run["unet_evals"])))
-                seconds.append(float(np.median(run["step_seconds"])))
+                # Online rows: their sampling, spread over the steps it fed (exact at each round's end).
+                steps_run = len(run["unet_evals"])
+                evals.append(float(np.mean(run["unet_evals"])) + run.get("sampling_network_evals", 0) / steps_run)
+                sampling.append(run.get("sampling_network_evals", 0) / steps_run)
+                seconds.append(float(np.median(run["step_seconds"])) + run.get("sampling_seconds", 0.0) / steps_run)
             if not seeds:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -96,6 +99,7 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
                 "lift_mean_ci": t_interval(lifts), "win_rate_mean_ci": t_interval(wins),
                 "curve": {s: t_interval([c[s] for c in curves]) for s in steps},
                 "unet_evals_per_step": float(np.mean(evals)), "seconds_per_step": float(np.median(seconds)),
+                "sampling_evals_per_step": float(np.mean(sampling)),
             })
     return rows
 
@@ -103,7 +107,7 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
 def table_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
     """The report's table: one row per rung and setting (one row where the tuned rate is the paper's)."""
     lines = ["| rung | setting | learning rate | seeds | held-out median lift over base | win rate vs base | "
-             "UNet evals / step | s / step (1 thread) |",
+             "network evals / step (sampling incl.) | s / step (1 thread) |",
              "|---|---|---|---|---|---|---|---|"]
     tuned_rates = {r["rung"]: r["learning_rate"] for r in rows if r["setting"] == "tuned"}
     for r in rows:

@@ -55,6 +55,10 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
     result: dict[str, Any] = {"job": asdict(job), "prompts": len(prompts), "images_per_prompt": per_prompt}
     if job.rung == "base":
         result["scores"] = {"0": score(None, "base")}
+    elif RUNG_BY_KEY[job.rung].online is not None:
+        result.update(_online_run(job, cfg, base, dataset, work, demo_cfg))
+        rounds = result["online_rounds"] if job.curve else result["online_rounds"][-1:]
+        result["scores"] = {str(r["steps"]): score(Path(r["policy"]), f"round-{r['round']}") for r in rounds}
     else:
         rung = RUNG_BY_KEY[job.rung]
         run_dir = work / "run"
@@ -90,6 +94,49 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
     write_json(result_path, result)
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _online_run(job: Job, cfg: StudyConfig, base: Path, dataset: Path, work: Path, demo_cfg: Any) -> dict[str, Any]:
+    """Train an online rung with ``smpo online`` (world reward, the study's sampling settings): the
+    training record of every step, and each round's policy with its cumulative steps and compute."""
+    import numpy as np
+
+    from smpo.online import OnlineConfig, run_online
+    from smpo.world.grammar import split
+    from smpo.world.stages import train_config
+
+    rung = RUNG_BY_KEY[job.rung]
+    rounds = min(cfg.online_rounds, cfg.train_steps)
+    steps = cfg.train_steps // rounds
+    prompts = split("pairs")
+    chosen = sorted(np.random.default_rng(job.seed).choice(len(prompts), size=steps * cfg.batch_size, replace=False))
+    prompt_file = work / "prompts.txt"
+    work.mkdir(parents=True, exist_ok=True)
+    prompt_file.write_text("".join(prompts[i] + "\n" for i in chosen))
+    recipe = train_config(rung.method, base, dataset, work / "unused", replace(demo_cfg, train_steps=steps, eval_every=0),
+                          rung.objective, resume=True)
+    online = OnlineConfig(model=str(base), prompts=str(prompt_file), output=str(work / "online"), scorer="world",
+                          rounds=rounds, images_per_prompt=cfg.online_images_per_prompt, sample_steps=cfg.sample_steps,
+                          guidance_scale=cfg.guidance_scale, seed=job.seed, reference=rung.online,  # type: ignore[arg-type]
+                          train_steps=steps, pairs_per_prompt=1, progress=False)
+    summary = run_online(online, train=recipe)
+    records = []
+    for r in summary["rounds"]:
+        lines = Path(r["train_run"], "metrics.jsonl").read_text().splitlines()
+        records += [json.loads(line) for line in lines if line]
+    done, spent = 0, 0.0
+    rounds = []
+    for r in summary["rounds"]:
+        done += steps
+        spent += r["compute"]["sampling_network_evals"] + r["compute"]["training_network_evals"]
+        rounds.append({"round": r["round"], "steps": done, "policy": r["policy_out"], "network_evals": spent,
+                       "sampling_network_evals": r["compute"]["sampling_network_evals"],
+                       "pairs": r["num_pairs"], "samples": r["samples"]})
+    return {"step_seconds": [r["seconds"] for r in records], "unet_evals": [r["unet_evals"] for r in records],
+            "final_metrics": {k: v for k, v in records[-1].items() if isinstance(v, float)},
+            "objective": asdict(recipe.objective.resolved()), "online_rounds": rounds,
+            "sampling_network_evals": sum(r["sampling_network_evals"] for r in rounds),
+            "sampling_seconds": sum(r["compute"]["sampling_seconds"] for r in summary["rounds"])}
 
 
 def inversion_cache_dir(root: Path) -> Path:

@@ -45,8 +45,8 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
         axes[2].plot([s * r["unet_evals_per_step"] for s in steps], lifts, marker="o", label=r["label"])
         axes[3].plot([s * r["seconds_per_step"] for s in steps], lifts, marker="o", label=r["label"])
     axes[1].set_xlabel("training step")
-    axes[2].set_xlabel(f"UNet sample-evaluations in training (forward passes; {cfg.batch_size} pairs a step)")
-    axes[3].set_xlabel("training seconds (one CPU thread, median step time)")
+    axes[2].set_xlabel(f"network sample-evaluations (training; online rows: + sampling; {cfg.batch_size} pairs a step)")
+    axes[3].set_xlabel("seconds (one CPU thread, median step time; online rows: + sampling)")
     for ax in axes[1:]:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel("held-out median lift (tuned, mean over seeds)")

@@ -57,7 +57,10 @@ def run_study(output: str | Path, cfg: StudyConfig = StudyConfig(), *, base: str
                 "dataset": str(dataset or pair_set_path())}
     settings_path = root / SETTINGS_FILE
     if settings_path.is_file():
-        refuse_changed_settings(root, read_json(settings_path), settings, what="a study", ignore=RESUMABLE_SETTINGS)
+        saved = read_json(settings_path)
+        # A setting the saved study does not have is one its smpo did not know: none of its jobs used it.
+        new = tuple(k for k in settings if k not in saved)
+        refuse_changed_settings(root, saved, settings, what="a study", ignore=(*RESUMABLE_SETTINGS, *new))
     write_json(settings_path, settings)
     base = Path(base) if base else base_path()
     if dataset is None:

@@ -28,6 +28,9 @@ class Rung:
     cached_inversion: bool = False
     """Train from the study's ``smpo cache --store-inversion`` of the pair set (the base inverts,
     once) with ``data.cached_inversion`` (the objective must invert with the reference)."""
+    online: str | None = None
+    """Train with ``smpo online`` instead of on the pair set, with this reference (``base`` or
+    ``round``, ``smpo online --reference``); the rounds are ``StudyConfig.online_*``."""
 
 
 RUNGS: tuple[Rung, ...] = (
@@ -54,6 +57,10 @@ RUNGS: tuple[Rung, ...] = (
     # reference live, up to fp16), on the authors' grid: no inversion call is left in training.
     Rung("smpo-cached", "SmPO, reference inversion cached (authors' grid)", "smpo",
          {"land_on_t": False, "inverting_network": "reference"}, cached_inversion=True),
+    # Issue 20: on-policy rounds (smpo online) within the same 40 steps of 8 pairs.
+    Rung("online-smpo", "online SmPO (frozen base reference)", "smpo", online="base"),
+    Rung("online-dpo", "online Diffusion-DPO (frozen base reference)", "dpo", online="base"),
+    Rung("online-dpo-round", "online Diffusion-DPO (each round's start as reference)", "dpo", online="round"),
     Rung("kto", "Diffusion-KTO", "kto"),
     Rung("mapo", "MaPO", "mapo"),
     Rung("sft", "SFT (winners)", "sft"),
@@ -95,14 +102,20 @@ class StudyConfig:
     """DDIM steps of every sample"""
     guidance_scale: float = 3.0
     """classifier-free guidance scale of every sample"""
+    online_rounds: int = 4
+    """online rungs: rounds of smpo online within the budget's steps (40 steps: 4 rounds of 10); each round
+    samples, with the current policy, steps x batch prompts of the pair split (drawn by the job's seed)"""
+    online_images_per_prompt: int = 4
+    """online rungs: images per prompt and round (the best against the worst by the world reward: one pair each)"""
     max_prompts: int | None = None
     """use only the first N prompts of each split (quick runs)"""
-    curve_rungs: tuple[str, ...] = ("dpo", "smpo-t", "smpo-grid", "smpo-forward")
+    curve_rungs: tuple[str, ...] = ("dpo", "smpo-t", "smpo-grid", "smpo-forward", "online-smpo", "online-dpo",
+                                    "online-dpo-round")
     """rungs whose tuned runs are evaluated at every checkpoint, not only the last"""
 
 
 QUICK = StudyConfig(rungs=("dpo", "smpo-t", "sft"), seeds=(0, 1), tune_seeds=(1000,), lr_grid=(1e-5, 1e-4),
-                    lr_bounds=(3e-6, 1e-4), paper_lr=1e-5, train_steps=2, batch_size=2, eval_every=1, images_per_prompt=1,
+                    lr_bounds=(3e-6, 1e-4), paper_lr=1e-5, online_rounds=2, online_images_per_prompt=2, train_steps=2, batch_size=2, eval_every=1, images_per_prompt=1,
                     validation_images_per_prompt=1, sample_steps=4, max_prompts=6,
                     curve_rungs=("dpo", "smpo-t", "sft"))
 
