@@ -48,6 +48,7 @@ _REQUIRED_LAUNCH_SETTINGS: dict[str, tuple[str, str]] = {
     "FSDP_OFFLOAD_PARAMS": ("false", "parameter offloading to the CPU is not supported"),
     "FSDP_CPU_RAM_EFFICIENT_LOADING": ("false", "every process loads the weights, then shards them"),
     "FSDP_ACTIVATION_CHECKPOINTING": ("false", "use smpo's --gradient-checkpointing instead"),
+    "FSDP_RESHARD_AFTER_FORWARD": ("true", "smpo frees each block's gathered weights after its forward"),
 }
 
 
@@ -68,26 +69,17 @@ def check_sharding(config: Any) -> None:
     """Raise :class:`ConfigError` for a sharded run that cannot work, with the reason."""
     if not sharding_enabled(config):
         return
-    if launched_processes() < 2:
-        raise ConfigError("--sharding fsdp needs several processes: launch with torchrun --nproc_per_node N "
-                          "or accelerate launch --config_file configs/accelerate/fsdp.yaml")
     if config.run.mixed_precision == "fp16":
         raise ConfigError("--mixed-precision fp16 cannot be sharded (a loss scaler would see only its process's "
                           "shard of the gradient); use bf16")
-    if config.data.cached_inversion and (config.data.random_flip or config.data.empty_prompt_rate > 0):
-        raise ConfigError("--cached-inversion with --sharding fsdp needs --no-random-flip --empty-prompt-rate 0: "
-                          "images inverted live on one process only would stall the others' gathers")
+    if launched_processes() < 2:
+        raise ConfigError("--sharding fsdp needs several processes: launch with torchrun --nproc_per_node N "
+                          "or accelerate launch --config_file configs/accelerate/fsdp.yaml")
     if launched_with_fsdp():
         for name, (needed, why) in _REQUIRED_LAUNCH_SETTINGS.items():
             value = os.environ.get(name, needed).lower()
             if value != needed:
                 raise ConfigError(f"accelerate config {name.lower()}={value}: {why}")
-
-
-def reshard_after_forward() -> bool:
-    """Free a unit's gathered weights after its forward (accelerate's fsdp_reshard_after_forward,
-    default true): least memory, one more gather per unit in the backward."""
-    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +97,9 @@ def shard_network(network: torch.nn.Module, units: list[torch.nn.Module], *, mes
 
     policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
               else MixedPrecisionPolicy())
-    reshard = reshard_after_forward()
-    for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    for unit in units:  # each unit's weights are freed after its forward and gathered again in the backward
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
 
 
 def shard_models(family: Any, policy: torch.nn.Module, reference: Any, *, device: torch.device,
