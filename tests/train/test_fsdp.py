@@ -1,5 +1,6 @@
 """Sharded training (FSDP2) on two gloo CPU processes, launched as users launch it: with the shipped
-``configs/accelerate/fsdp.yaml`` (``accelerate launch``) or ``torchrun ... --sharding fsdp``.
+``configs/accelerate/fsdp.yaml`` (``accelerate launch``) or ``torchrun ... --sharding fsdp``; and the
+shipped ``configs/accelerate/ddp.yaml`` (whole copies), so that no launch config ships untested.
 
 - 2 sharded processes x accumulation 1 == 1 whole process x accumulation 2 (the same pairs, the
   same mean gradient, only the summation order differs), full and LoRA, SD1.5 and FLUX;
@@ -27,6 +28,7 @@ from smpo.models.presets import save_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+DDP_CONFIG = ROOT / "configs" / "accelerate" / "ddp.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -41,11 +43,12 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _launch(launcher: str, argv: list[str], *, script: Path | None = None) -> subprocess.CompletedProcess:
-    """``argv`` (``train ...``) on two processes, through the shipped accelerate config or torchrun."""
+def _launch(launcher: str, argv: list[str], *, script: Path | None = None,
+            config: Path = FSDP_CONFIG) -> subprocess.CompletedProcess:
+    """``argv`` (``train ...``) on two processes, through a shipped accelerate ``config`` or torchrun."""
     program = [str(script)] if script is not None else ["-m", "smpo.cli"]
     if launcher == "accelerate":
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                    "--num_processes", "2", "--main_process_port", _free_port(), *program, *argv]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -162,3 +165,14 @@ def test_sharding_errors_are_one_line(cli_error, tiny_pipelines, labelled, tmp_p
     args = _args(tiny_pipelines["sd15"], labelled, "full") + ["--output-dir", str(tmp_path / "x")]
     assert "needs several processes" in cli_error([*args, "--sharding", "fsdp"])
     assert "use bf16" in cli_error([*args, "--sharding", "fsdp", "--mixed-precision", "fp16"])
+
+
+def test_the_shipped_ddp_config_trains_whole_copies(tiny_pipelines, labelled, tmp_path):
+    args = _args(tiny_pipelines["sd15"], labelled, "full")
+    args[args.index("--max-steps") + 1] = "2"
+    done = _launch("accelerate", [*args, "--gradient-accumulation-steps", "1", "--output-dir", str(tmp_path / "two")],
+                   config=DDP_CONFIG)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "holds" not in done.stdout  # not sharded
+    assert main([*args, "--gradient-accumulation-steps", "2", "--output-dir", str(tmp_path / "one")]) == 0
+    _assert_same_weights(tmp_path / "two", tmp_path / "one")
