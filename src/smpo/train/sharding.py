@@ -13,10 +13,12 @@ One code path for every device: smpo calls ``fully_shard`` itself, with the fami
 accelerate's mixed-precision choice (``MixedPrecisionPolicy``: weights gathered and computed in the
 half dtype, gradients reduced in float32; autocast as without sharding). On CUDA, accelerate's
 FSDP2 plugin (``accelerate launch --config_file configs/accelerate/fsdp.yaml``) selects it and its
-settings are read; on CPU processes (gloo), where ``Accelerator(cpu=True)`` would drop the plugin
+settings are checked (:func:`check_sharding`); on CPU processes (gloo), where ``Accelerator(cpu=True)`` would drop the plugin
 and run plain DDP, the same file or ``--sharding fsdp`` selects the same path. accelerate still
 owns the process group, autocast, the loss scaling of accumulation and the trackers; the sharded
-network and its optimizer are not handed to ``accelerator.prepare``.
+network and its optimizer are not handed to ``accelerator.prepare``. SmPO's inversion, whose
+number of calls differs between processes, runs with the inverting network gathered whole
+(``smpo.models.sharded.gathered``).
 
 Checkpoints hold the sharded state (``torch.distributed.checkpoint``: each process writes its
 shards of the trained weights and of the optimizer state) plus each process's schedule and RNG
