@@ -32,6 +32,7 @@ from smpo.losses import LossOutput, per_sample_mse
 from smpo.methods import METHODS, BatchKind, LossInputs, Method, get_method
 from smpo.models import Conditioning, FamilyAdapter
 from smpo.models.lora import inference_view
+from smpo.models.sharded import gathered
 
 NOISINGS: tuple[str, ...] = ("forward", "ddim-inversion", "renoise")
 TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "logit_normal", "mode")
@@ -192,7 +193,7 @@ def noise_latents(family: FamilyAdapter, inverter: Any, x0: Tensor, t: Tensor, e
         if uncond is None:
             raise ValueError(f"inversion_guidance={cfg.inversion_guidance} needs the batch's uncond (empty prompt)")
         unc = cond.drop_text(torch.ones(len(cond), dtype=torch.bool), uncond)
-    with torch.no_grad():
+    with torch.no_grad(), gathered(inverter):  # a sharded network: its calls differ in number between processes
         if stored is not None:
             if not family.stores_inversion:
                 raise ValueError(f"stored inversions are DDIM inversions: the {family.name} family has none")

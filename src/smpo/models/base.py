@@ -158,6 +158,13 @@ class FamilyAdapter(ABC):
         return {}
 
     @staticmethod
+    def shard_units(network: Any) -> list[Any]:
+        """The blocks of ``network`` that sharded training (FSDP2, ``smpo.train.sharding``) makes its
+        own units, each gathered whole for its forward and freed after it; the rest of the network
+        (embeddings, the first and last layers) is the root unit. None: one unit for the network."""
+        return []
+
+    @staticmethod
     def tokenizer_folder(encoder_folder: str) -> str:
         """The tokenizer beside a text encoder: ``text_encoder_2`` -> ``tokenizer_2``."""
         return encoder_folder.replace("text_encoder", "tokenizer")

@@ -47,6 +47,16 @@ class DDPMAdapter(FamilyAdapter):
     stores_inversion: ClassVar[bool] = True
     supports_inversion_noise: ClassVar[bool] = True
 
+    @staticmethod
+    def shard_units(network: Any) -> list[Any]:
+        """A UNet's residual, attention and resampling blocks: the members of each down, mid and up
+        block's module lists (``resnets``, ``attentions``, ``downsamplers``, ``upsamplers``), the
+        granularity at which its activations flow and its skip connections are taken."""
+        stages = [*network.down_blocks, *([network.mid_block] if network.mid_block is not None else []),
+                  *network.up_blocks]
+        return [unit for stage in stages for group in stage.children()
+                if isinstance(group, torch.nn.ModuleList) for unit in group]
+
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{self.source or 'model'}: scheduler prediction_type {self.prediction_type!r} is not "

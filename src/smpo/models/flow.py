@@ -62,6 +62,13 @@ class FlowAdapter(FamilyAdapter):
     pipeline_class: ClassVar[str] = ""
     prediction_type_family: ClassVar[str] = "flow"
 
+    @staticmethod
+    def shard_units(network: Any) -> list[Any]:
+        """A diffusion transformer's blocks: SD3's ``transformer_blocks`` (joint text-image
+        attention), FLUX's double-stream ``transformer_blocks`` and ``single_transformer_blocks``;
+        nearly all the weights are in them, in equal slices."""
+        return [*getattr(network, "transformer_blocks", ()), *getattr(network, "single_transformer_blocks", ())]
+
     def __post_init__(self) -> None:
         if self.prediction_type != "flow":
             raise ValueError(f"{self.source or 'model'}: a flow-matching family needs prediction_type 'flow', "

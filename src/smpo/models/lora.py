@@ -9,6 +9,7 @@ always switches them back on, even when the block raises.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -159,8 +160,15 @@ class MergedAdaptersView(AdaptersOffView):
 
 
 def inference_view(network: Any) -> Any:
-    """``network`` for no-grad calls: a LoRA-adapted UNet as a `MergedAdaptersView`, anything else itself."""
-    if isinstance(network, torch.nn.Module) and has_lora(network):
+    """``network`` for no-grad calls: a LoRA-adapted UNet as a `MergedAdaptersView`, anything else itself.
+
+    A sharded network (FSDP2) holds only its shard of each weight between calls and gathers a
+    block's weights as the call reaches it, so there is no whole weight to fold the adapters into:
+    it is called as it is, adapters on (equal to the merged view up to rounding).
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    sharded = fsdp is not None and isinstance(network, fsdp.FSDPModule)
+    if isinstance(network, torch.nn.Module) and has_lora(network) and not sharded:
         return MergedAdaptersView(network)
     return network
 

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(accelerator: Any, run_dir: str | os.PathLike, step: int, *, config_yaml: str,
-                    state: dict[str, Any], keep: int) -> Path:
+                    state: dict[str, Any], keep: int, save_state: Callable[[Path], None] | None = None) -> Path:
     """Save a checkpoint of ``step`` atomically and delete all but the last ``keep``.
 
     Every process calls this (accelerate writes each process's RNG state, and sharded
     optimizers write their shards). All processes write into one temporary folder with a fixed
     name (a per-process random name, as ``smpo.io.atomic_path`` makes, cannot be shared); the
-    main process renames it once everyone is done.
+    main process renames it once everyone is done. ``save_state(folder)`` writes the processes'
+    state (default: ``accelerator.save_state``; a sharded run writes its shards, ``smpo.train.sharding``).
     """
     folder = Path(run_dir) / CHECKPOINTS
     final = folder / checkpoint_name(step)
@@ -66,7 +68,10 @@ def save_checkpoint(accelerator: Any, run_dir: str | os.PathLike, step: int, *, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    if save_state is None:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    else:
+        save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, state)
@@ -80,27 +85,56 @@ def save_checkpoint(accelerator: Any, run_dir: str | os.PathLike, step: int, *, 
     return final
 
 
-def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG states from ``path``; return its trainer state."""
+def load_checkpoint(path: str | os.PathLike, *, load_state: Callable[[Path], None]) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG states from ``path`` with ``load_state(path)``
+    (``accelerator.load_state``, or a sharded run's); return its trainer state."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a finished checkpoint ({STATE_FILE} is missing)")
-    accelerator.load_state(str(path))
+    load_state(path)
     return json.loads(state_file.read_text())
 
 
-def export_full(unet: Any, folder: str | os.PathLike, state_dict: dict[str, Any] | None = None) -> Path:
+def export_full(unet: Any, folder: str | os.PathLike, state_dict: dict[str, Any] | None = None, *,
+                class_name: str | None = None) -> Path:
     """Save a trained UNet where ``UNet2DConditionModel.from_pretrained(folder)`` loads it.
 
-    ``state_dict``: the weights when they are not all in ``unet`` (gathered from FSDP shards).
+    ``state_dict``: the weights when they are not all in ``unet`` (gathered from FSDP shards;
+    diffusers' ``save_pretrained`` would save the module's own, sharded, tensors), written in
+    diffusers' layout (``diffusion_pytorch_model.safetensors``, split past 10 GB with an index).
+    ``class_name``: the diffusers class recorded in ``config.json`` (a sharded network's own class
+    is FSDP's subclass of it, ``FSDPUNet2DConditionModel``).
     """
     from smpo.io import atomic_path
 
     folder = Path(folder)
     with atomic_path(folder) as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if state_dict is None:
+            unet.save_pretrained(tmp, safe_serialization=True)
+        else:
+            unet.save_config(tmp)
+            _save_weights(state_dict, Path(tmp))
+        if class_name is not None:
+            config_file = Path(tmp) / "config.json"
+            config = json.loads(config_file.read_text())
+            config["_class_name"] = class_name
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def _save_weights(state_dict: dict[str, Any], folder: Path, max_shard_size: str = "10GB") -> None:
+    """``state_dict`` as diffusers writes a model's weights (its file names, shard size and index)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: state_dict[name].contiguous() for name in names}, folder / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        write_json(folder / "diffusion_pytorch_model.safetensors.index.json",
+                   {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
 
 
 def lora_state_dict(unet: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:

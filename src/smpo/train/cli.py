@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without training")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the memory per process that the run's weights, gradients, optimizer state and "
+                             "reference need at 1, 8 and 64 processes (parameters counted from the config files, "
+                             "no weights loaded) and exit without training")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +31,14 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.print_config:
         print(dump_config(config), end="")
+        return 0
+    if args.dry_run:
+        from smpo.train.memory import dry_run_report
+
+        if not config.model.pretrained:
+            raise ValueError("--dry-run needs --pretrained (a pipeline folder or hub id)")
+        config.objective = config.objective.resolved()
+        print(dry_run_report(config))
         return 0
     config.validate()
     config.objective.resolved()

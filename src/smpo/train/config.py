@@ -145,7 +145,12 @@ class RunConfig:
     seed: int = 0
     """Seed of the data order and of every pair's t, noise, empty prompt and flip."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """accelerate mixed precision; `auto`: fp16 on CUDA, none elsewhere."""
+    """accelerate mixed precision; `auto`: fp16 on CUDA (bf16 when sharded), none elsewhere."""
+    sharding: Literal["auto", "none", "fsdp"] = "auto"
+    """`fsdp`: shard the trained network, its gradients, optimizer state and the frozen reference
+    across the processes (FSDP2; docs/training.md, "Sharded training"); `none`: a whole copy per
+    process (data parallel); `auto`: fsdp when launched with an accelerate FSDP config
+    (configs/accelerate/fsdp.yaml), else none."""
     checkpoint_every: int = 50
     """Save a checkpoint every N optimizer steps (and at the end); 0: only at the end."""
     keep_checkpoints: int = 3

@@ -42,7 +42,6 @@ from smpo.train.checkpoint import (
     save_checkpoint,
 )
 from smpo.train.config import TrainConfig, dump_config
-from smpo.train.data import Layout
 from smpo.train.setup import TrainingSetup, load_model, make_accelerator, prepare_training, resolve_config
 
 METRICS_FILE = "metrics.jsonl"
@@ -91,12 +90,12 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None,
 
     family = load_model(config, accelerator.device)
     setup = prepare_training(config, accelerator, family)
-    policy, layout = setup.policy, setup.layout
+    layout = setup.layout
 
     start = 0
     config_yaml = dump_config(config)
     if config.run.resume:
-        start = _resume(accelerator, run_dir, layout)
+        start = _resume(setup, run_dir)
     if accelerator.is_main_process:
         (run_dir / CONFIG_FILE).write_text(config_yaml)
     if config.run.report_to != "none":
@@ -115,6 +114,7 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None,
             every = config.run.checkpoint_every
             if (every and (step + 1) % every == 0) or step + 1 == config.optim.max_steps:
                 save_checkpoint(accelerator, run_dir, step + 1, config_yaml=config_yaml,
+                                save_state=setup.parallel.save_state,
                                 state={"step": step + 1, "epoch": layout.epoch_of(step + 1),
                                        "global_batch": layout.global_batch},
                                 keep=config.run.keep_checkpoints)
@@ -123,8 +123,7 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None,
             bar.close()
     accelerator.wait_for_everyone()
     result.checkpoints = list_checkpoints(run_dir)
-    result.export = export(accelerator, policy, run_dir, config, family.name, step=result.step,
-                           metrics=result.metrics[-1] if result.metrics else None)
+    result.export = export(setup, run_dir, step=result.step, metrics=result.metrics[-1] if result.metrics else None)
     if end_process_group:
         accelerator.end_training()
     else:
@@ -164,7 +163,7 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
     for micro in range(passes):
         indices = layout.indices(config.run.seed, step, accelerator.process_index, micro)
         batch = setup.pairs.batch(indices, epoch)
-        with accelerator.accumulate(policy), accelerator.autocast():
+        with setup.parallel.accumulate(policy), accelerator.autocast():
             out = compute_loss(family, policy, setup.reference, batch, config.objective,
                                mean_over_processes=reduce_mean)
             accelerator.backward(out.loss)
@@ -181,7 +180,7 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
                 raise NonFiniteLossError(f"the loss is {means['loss']} at step {step + 1}; stopped before "
                                          f"its optimizer step. Last good checkpoint: {last or 'none yet'}")
             if config.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(setup.parameters, config.optim.max_grad_norm)
+                grad_norm = setup.parallel.clip_grad_norm(setup.parameters, config.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -197,12 +196,13 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
 # The run folder
 
 
-def _resume(accelerator: Any, run_dir: Path, layout: Layout) -> int:
+def _resume(setup: TrainingSetup, run_dir: Path) -> int:
     """Restore the latest checkpoint of ``run_dir``, if any; return the step to continue from."""
+    accelerator, layout = setup.accelerator, setup.layout
     ckpt = latest_checkpoint(run_dir)
     start = 0
     if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt)
+        state = load_checkpoint(ckpt, load_state=setup.parallel.load_state)
         start = int(state["step"])
         accelerator.print(f"resumed from {ckpt} at step {start}")
         if state.get("global_batch") != layout.global_batch:
@@ -227,24 +227,24 @@ def _prepare_run_dir(config: TrainConfig, accelerator: Any) -> Path:
     return run_dir
 
 
-def export(accelerator: Any, policy: Any, run_dir: Path, config: TrainConfig, family: str, *, step: int = 0,
-           metrics: dict[str, float] | None = None) -> Path:
+def export(setup: TrainingSetup, run_dir: Path, *, step: int = 0, metrics: dict[str, float] | None = None) -> Path:
     """Write the final weights and return their folder.
 
-    Every process calls this: under FSDP or DeepSpeed ZeRO-3 the weights are gathered from the
-    processes' shards first; the main process writes.
+    Every process calls this: sharded, the whole state dict is gathered from the processes'
+    shards first (``TrainingSetup.parallel``); the main process writes.
     """
     from smpo.models import FAMILIES
 
+    accelerator, config, family = setup.accelerator, setup.config, setup.family.name
     network = FAMILIES[family].network_folder  # unet, or transformer for SD3/FLUX
-    folder = run_dir / "final" / ("lora" if config.model.finetune == "lora" else network)
-    state = accelerator.get_state_dict(policy)
+    lora = config.model.finetune == "lora"
+    folder = run_dir / "final" / ("lora" if lora else network)
+    unet, state = setup.parallel.export_state(setup.policy, lora=lora)
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(policy)
-        if config.model.finetune == "lora":
+        if lora:
             export_lora(unet, folder, family, state)
         else:
-            export_full(unet, folder, state)
+            export_full(unet, folder, state, class_name=FAMILIES[family].network_class)
         (run_dir / "final" / CONFIG_FILE).write_text(dump_config(config))
         from smpo.train.card import model_card
 

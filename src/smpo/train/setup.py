@@ -19,6 +19,14 @@ import torch
 from smpo.train.checkpoint import checkpoint_only_lora
 from smpo.train.config import TrainConfig
 from smpo.train.data import Layout, open_pairs
+from smpo.train.sharding import (
+    DataParallel,
+    FullySharded,
+    check_sharding,
+    local_numel,
+    shard_models,
+    sharding_enabled,
+)
 
 
 @dataclass
@@ -45,12 +53,16 @@ class TrainingSetup:
     """The learning-rate schedule (not prepared: accelerate would step it once per process)."""
     parameters: list[torch.nn.Parameter]
     """The prepared policy's parameters, listed once (gradient clipping reads them every step)."""
+    parallel: DataParallel | FullySharded
+    """How the processes share the work: accumulation, clipping, checkpoint state, export
+    (``smpo.train.sharding``)."""
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """``config`` checked (``TrainConfig.validate``) with its method's defaults filled in (beta,
     noising, labels): what is saved is what was run."""
     config.validate()
+    check_sharding(config)
     return dataclasses.replace(config, objective=config.objective.resolved())
 
 
@@ -68,25 +80,48 @@ def prepare_training(config: TrainConfig, accelerator: Any, family: Any) -> Trai
         raise ValueError(f"{len(pairs)} pairs are fewer than one optimizer step's {layout.global_batch} "
                          "(batch_size x gradient_accumulation_steps x processes)")
     lr = config.optim.learning_rate * (layout.global_batch if config.optim.scale_lr else 1)
+    sharded = sharding_enabled(config)
+    if sharded:  # before the optimizer: it steps the shards
+        shard_models(family, policy, reference, device=accelerator.device, processes=accelerator.num_processes,
+                     param_dtype=_half_dtype(config))
+        _say_what_is_held(accelerator, policy, reference)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, params, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(config.optim.warmup_steps))
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    if config.model.finetune == "lora":
-        checkpoint_only_lora(accelerator)
-    # The scheduler is NOT prepared: accelerate would step it once per process per step.
-    accelerator.register_for_checkpointing(scheduler)
+    parallel: DataParallel | FullySharded
+    if sharded:
+        parallel = FullySharded(accelerator, policy, optimizer, scheduler)
+    else:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+        if config.model.finetune == "lora":
+            checkpoint_only_lora(accelerator)
+        # The scheduler is NOT prepared: accelerate would step it once per process per step.
+        accelerator.register_for_checkpointing(scheduler)
+        parallel = DataParallel(accelerator)
     return TrainingSetup(config=config, accelerator=accelerator, family=family, policy=policy, reference=reference,
                          pairs=pairs, layout=layout, optimizer=optimizer, scheduler=scheduler,
-                         parameters=list(policy.parameters()))
+                         parameters=list(policy.parameters()), parallel=parallel)
+
+
+def _say_what_is_held(accelerator: Any, policy: Any, reference: Any) -> None:
+    """One line per process: the share of the networks' parameters it holds."""
+    held, total = local_numel(policy)
+    line = f"process {accelerator.process_index} of {accelerator.num_processes} holds {held:,} of the policy's {total:,} parameters"
+    if isinstance(reference, torch.nn.Module):
+        ref_held, ref_total = local_numel(reference)
+        line += f" and {ref_held:,} of the reference's {ref_total:,}"
+    print(f"smpo train: {line}", flush=True)
 
 
 
 def resolve_mixed_precision(config: TrainConfig) -> str:
-    """``run.mixed_precision`` with ``auto`` decided: fp16 on CUDA, none on the CPU."""
+    """``run.mixed_precision`` with ``auto`` decided: fp16 on CUDA (bf16 when sharded: no loss
+    scaler sees a sharded gradient whole), none on the CPU."""
     choice = config.run.mixed_precision
     if choice == "auto":
-        return "fp16" if torch.cuda.is_available() else "no"
+        if not torch.cuda.is_available():
+            return "no"
+        return "bf16" if sharding_enabled(config) else "fp16"
     return choice
 
 
