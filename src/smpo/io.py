@@ -129,6 +129,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporaries (``.NAME.*.tmp``) that killed :func:`atomic_path` writes left in ``folder``.
+
+    A resumed job calls this before any of its processes writes there again, so that its output
+    ends as an uninterrupted run's does.
+    """
+    for path in Path(folder).glob(".*.tmp"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``tensors`` as a safetensors file, atomically, with bytes that do not depend on the process.
+
+    safetensors writes ``metadata`` in the order of a hash map seeded at random in each process;
+    the header is written again with the metadata sorted (the tensors' order is safetensors' own).
+    """
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        raw = tmp.with_name(f"{tmp.name}.raw")
+        save_file(dict(tensors), str(raw), metadata=None if metadata is None else dict(metadata))
+        with open(raw, "rb") as source, open(tmp, "wb") as target:
+            header = json.loads(source.read(int.from_bytes(source.read(8), "little")))
+            if "__metadata__" in header:
+                header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+            target.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(source, target, 1 << 24)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
