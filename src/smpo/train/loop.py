@@ -120,8 +120,8 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None) -> TrainR
             bar.close()
     accelerator.wait_for_everyone()
     result.checkpoints = list_checkpoints(run_dir)
-    result.export = export(accelerator, policy, run_dir, config, family.name, step=result.step,
-                           metrics=result.metrics[-1] if result.metrics else None)
+    last = result.metrics[-1] if result.metrics else _last_record(run_dir / METRICS_FILE)  # killed while exporting
+    result.export = export(accelerator, policy, run_dir, config, family.name, step=result.step, metrics=last)
     accelerator.end_training()
     return result
 
@@ -233,6 +233,9 @@ def export(accelerator: Any, policy: Any, run_dir: Path, config: TrainConfig, fa
     folder = run_dir / "final" / ("lora" if config.model.finetune == "lora" else network)
     state = accelerator.get_state_dict(policy)
     if accelerator.is_main_process:
+        from smpo.io import remove_temporaries
+
+        remove_temporaries(run_dir / "final")  # what a kill during an earlier export left
         unet = accelerator.unwrap_model(policy)
         if config.model.finetune == "lora":
             export_lora(unet, folder, family, state)
@@ -283,6 +286,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _last_record(path: Path) -> dict[str, float] | None:
+    """The last record of ``metrics.jsonl`` (on the main process), if any."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else None
 
 
 def _flat(config: TrainConfig) -> dict[str, Any]:
