@@ -67,9 +67,12 @@ def prepare_job_output(out: Path, settings: Mapping[str, Any], *, job: str, fini
     ``finished``: the file whose presence marks a finished output, a ``kind`` (e.g. "labelled
     dataset"), refused without ``overwrite``;
     ``work_dir/run.json`` holds an unfinished run's settings, which a resume must repeat
-    (:func:`refuse_changed_settings`); any other non-empty folder is refused.
+    (:func:`refuse_changed_settings`); any other non-empty folder is refused. Call it on the main
+    process before any other writes (a resume removes the killed run's temporaries).
     """
     run_file = out / work_dir / "run.json"
+    if _killed_writing_its_settings(out, work_dir):
+        shutil.rmtree(out / work_dir)  # a new start: nothing was done
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         if (out / finished).exists():
             shutil.rmtree(out / work_dir, ignore_errors=True)  # leftover of a kill after the last write
@@ -78,9 +81,21 @@ def prepare_job_output(out: Path, settings: Mapping[str, Any], *, job: str, fini
             raise OutputExistsError(f"{out} exists, is not empty and is not an unfinished `{job}` run; "
                                     "choose another output or pass --overwrite to replace it")
         refuse_changed_settings(out, read_json(run_file), settings, what=f"an unfinished `{job}` run")
+        remove_temporaries(out)  # a final piece a kill left half-written (those of work_dir go with it)
         return  # resume
     prepare_output_dir(out, overwrite=overwrite, resume=False)
     write_json(run_file, settings)
+
+
+def _killed_writing_its_settings(out: Path, work_dir: str) -> bool:
+    """``out`` holds only ``work_dir`` with only temporaries in it: a job killed writing its ``run.json``."""
+    entries = list(out.iterdir()) if out.is_dir() else []
+    return (bool(entries) and all(p.name == work_dir and p.is_dir() for p in entries)
+            and all(_is_temporary(q) for q in (out / work_dir).iterdir()))
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def looks_local(value: str | os.PathLike) -> bool:
