@@ -151,7 +151,10 @@ def remove_temporaries(folder: str | os.PathLike) -> None:
     ends as an uninterrupted run's does.
     """
     for path in Path(folder).glob(".*.tmp"):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

@@ -289,7 +289,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def _last_record(path: Path) -> dict[str, float] | None:
-    """The last record of ``metrics.jsonl`` (on the main process), if any."""
+    """The last record of ``metrics.jsonl`` (which the main process writes), if any."""
     lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     return json.loads(lines[-1]) if lines else None
 
