@@ -67,9 +67,12 @@ def prepare_job_output(out: Path, settings: Mapping[str, Any], *, job: str, fini
     ``finished``: the file whose presence marks a finished output, a ``kind`` (e.g. "labelled
     dataset"), refused without ``overwrite``;
     ``work_dir/run.json`` holds an unfinished run's settings, which a resume must repeat
-    (:func:`refuse_changed_settings`); any other non-empty folder is refused.
+    (:func:`refuse_changed_settings`); any other non-empty folder is refused. Call it on the main
+    process before any other writes (a resume removes the killed run's temporaries).
     """
     run_file = out / work_dir / "run.json"
+    if _killed_writing_its_settings(out, work_dir):
+        shutil.rmtree(out / work_dir)  # a new start: nothing was done
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         if (out / finished).exists():
             shutil.rmtree(out / work_dir, ignore_errors=True)  # leftover of a kill after the last write
@@ -78,9 +81,21 @@ def prepare_job_output(out: Path, settings: Mapping[str, Any], *, job: str, fini
             raise OutputExistsError(f"{out} exists, is not empty and is not an unfinished `{job}` run; "
                                     "choose another output or pass --overwrite to replace it")
         refuse_changed_settings(out, read_json(run_file), settings, what=f"an unfinished `{job}` run")
+        remove_temporaries(out)  # a final piece a kill left half-written (those of work_dir go with it)
         return  # resume
     prepare_output_dir(out, overwrite=overwrite, resume=False)
     write_json(run_file, settings)
+
+
+def _killed_writing_its_settings(out: Path, work_dir: str) -> bool:
+    """``out`` holds only ``work_dir`` with only temporaries in it: a job killed writing its ``run.json``."""
+    entries = list(out.iterdir()) if out.is_dir() else []
+    return (bool(entries) and all(p.name == work_dir and p.is_dir() for p in entries)
+            and all(_is_temporary(q) for q in (out / work_dir).iterdir()))
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def looks_local(value: str | os.PathLike) -> bool:
@@ -127,6 +142,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(target, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporaries (``.NAME.*.tmp``) that killed :func:`atomic_path` writes left in ``folder``.
+
+    A resumed job calls this before any of its processes writes there again, so that its output
+    ends as an uninterrupted run's does.
+    """
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``tensors`` as a safetensors file, atomically, with bytes that do not depend on the process.
+
+    safetensors writes ``metadata`` in the order of a hash map seeded at random in each process;
+    the header is written again with the metadata sorted (the tensors' order is safetensors' own).
+    """
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        raw = tmp.with_name(f"{tmp.name}.raw")
+        save_file(dict(tensors), str(raw), metadata=None if metadata is None else dict(metadata))
+        with open(raw, "rb") as source, open(tmp, "wb") as target:
+            header = json.loads(source.read(int.from_bytes(source.read(8), "little")))
+            if "__metadata__" in header:
+                header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+            target.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(source, target, 1 << 24)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

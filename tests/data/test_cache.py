@@ -157,9 +157,29 @@ def test_two_torchrun_processes_encode_half_the_shards_each_and_match_one_proces
             rank, _, rest = line.partition("]:")
             written.setdefault(rank.strip("[ "), set()).add(rest.split()[-1])
     assert sorted(map(sorted, written.values())) == [["p0", "p4"], ["p2"]], result.stdout  # shard k on process k % 2
-    one, two = _shards(tmp_path / "one"), _shards(tmp_path / "two")
-    assert one.keys() == two.keys()
-    for name, (tensors, meta) in one.items():
-        assert two[name][1] == meta and all(torch.equal(two[name][0][k], v) for k, v in tensors.items())
-    assert (tmp_path / "one" / "manifest.parquet").read_bytes() == (tmp_path / "two" / "manifest.parquet").read_bytes()
+    one, two = tmp_path / "one", tmp_path / "two"
+    names = sorted(p.name for p in (one / "shards").iterdir())
+    assert names == sorted(p.name for p in (two / "shards").iterdir()) and len(names) == 3
+    for name in [*(f"shards/{n}" for n in names), "empty.safetensors", "manifest.parquet", "cache.json"]:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert not (tmp_path / "two" / ".work").exists()
+
+
+@pytest.mark.parametrize("store_inversion", [False, True])
+def test_killed_by_sigkill_mid_write_then_rerun_writes_the_bytes_of_an_uninterrupted_run(store_inversion, labelled,
+                                                                                         models, tmp_path):
+    from kill_helpers import assert_no_partial_file, kill_point, leftovers, run_killed, visible_files
+
+    data, _ = labelled
+    args = [str(data), "--model", str(models["sd15"]), "--shard-size", "2", "--device", "cpu", "--no-progress",
+            *(["--store-inversion", "--inversion-steps", "2"] if store_inversion else [])]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    assert main(["cache", *args, "--out", str(reference)]) == 0
+    # the atomic writes: cache.json, empty.safetensors, shards 0-2, .work/done-00000.json, manifest.parquet
+    at = kill_point(7, seed=(9, 5)[store_inversion])  # shard 1, shard 2
+    run_killed(["cache", *args, "--out", str(out)], at=at)
+    assert_no_partial_file(out, reference)
+    assert not (out / "manifest.parquet").exists()
+    assert main(["cache", *args, "--out", str(out)]) == 0
+    assert visible_files(out) == visible_files(reference), at
+    assert leftovers(out) == [], at

@@ -219,51 +219,27 @@ def test_a_scorer_callable_can_be_passed_directly(pickapic_parquet, tmp_path):
     assert row["score_0"] == pytest.approx(brightness([Image.open(__import__("io").BytesIO(row["jpg_0"]))], [""]).item())
 
 
-KILLER = '''
-import os, signal, sys
-import pyarrow.parquet as pq
-import smpo.data.scoring as scoring_module
-from smpo.cli import main
-from smpo.io import atomic_path
-
-real_write, written = scoring_module._write_work_shard, []
-
-def write_then_die_in_second_shard(folder, scored, stats):
-    if written:  # SIGKILL in the middle of writing the second shard: no cleanup code runs
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            pq.write_table(scored, tmp / "scored.parquet")
-            os.kill(os.getpid(), signal.SIGKILL)
-    written.append(folder)
-    real_write(folder, scored, stats)
-
-scoring_module._write_work_shard = write_then_die_in_second_shard
-sys.exit(main(sys.argv[1:]))
-'''
-
-
-def test_process_killed_by_sigkill_then_rerun_equals_uninterrupted_run(pickapic_parquet, tiny_pickscore, tmp_path):
-    import os
-    import subprocess
-    import sys
+@pytest.mark.parametrize("seed", [21, 2], ids=["a-shard", "its-settings"])  # the kill points they draw
+def test_process_killed_by_sigkill_then_rerun_equals_uninterrupted_run(seed, pickapic_parquet, tiny_pickscore,
+                                                                       tmp_path):
+    from kill_helpers import assert_no_partial_file, kill_point, leftovers, run_killed, visible_files
 
     reference = tmp_path / "reference"
     assert label(pickapic_parquet, reference, tiny_pickscore) == 0
     out = tmp_path / "killed"
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    command = [sys.executable, str(script), "label", str(pickapic_parquet), str(out), "--scorer-path",
-               str(tiny_pickscore), "--shard-size", "4", "--batch-size", "3", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    assert subprocess.run(command, env=env, capture_output=True).returncode == -9
-    leftovers = [p.name for p in (out / ".work").iterdir() if p.name.startswith(".shard-00001")]
-    assert len(leftovers) == 1  # the half-written shard, under a temporary name only
-    assert not (out / ".work" / "shard-00001").exists()
+    # the atomic writes: .work/run.json, 3 work shards (each: stats.json inside, the shard), .work/source.json,
+    # .work/finalise.json, the 3 final shards, labels.json
+    at = kill_point(13, seed=seed)
+    run_killed(["label", str(pickapic_parquet), str(out), "--scorer-path", str(tiny_pickscore), "--shard-size", "4",
+                "--batch-size", "3", "--no-progress"], at=at)
+    assert_no_partial_file(out, reference, skip=("labels.json",))  # it names its folder
+    assert not (out / "labels.json").exists()
 
     assert label(pickapic_parquet, out, tiny_pickscore) == 0
-    assert _shard_bytes(out) == _shard_bytes(reference)
+    assert visible_files(out, skip=("labels.json",)) == visible_files(reference, skip=("labels.json",)), at
     assert _labels_without_output(out) == _labels_without_output(reference)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert leftovers(out) == [], at
 
 
 def test_processes_take_shards_i_mod_world_and_together_equal_one_process(pickapic_parquet, tiny_pickscore,

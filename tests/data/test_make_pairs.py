@@ -128,28 +128,6 @@ def test_label_cache_and_train_read_the_set_unchanged(reference, pipelines, tiny
         assert (run / "final" / "lora").is_dir()
 
 
-KILLER = '''
-import os, signal, sys
-import pyarrow.parquet as pq
-import smpo.data.make_pairs as job
-from smpo.io import atomic_path
-
-real_write, written = job.write_work_file, []
-
-def write_then_die_in_second_file(path, table):
-    if written:  # SIGKILL in the middle of writing the second image file: no cleanup code runs
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-            os.kill(os.getpid(), signal.SIGKILL)
-    written.append(path)
-    real_write(path, table)
-
-job.write_work_file = write_then_die_in_second_file
-from smpo.cli import main
-sys.exit(main(sys.argv[1:]))
-'''
-
-
 def _metadata(folder: Path) -> dict:
     import json
 
@@ -158,25 +136,24 @@ def _metadata(folder: Path) -> dict:
     return meta
 
 
-def test_killed_by_sigkill_then_rerun_writes_the_bytes_of_an_uninterrupted_run(reference, pipelines, prompt_file,
-                                                                              tiny_pickscore, tmp_path):
+@pytest.mark.parametrize("seed", [21, 2], ids=["a-shard", "its-settings"])  # the kill points they draw
+def test_killed_by_sigkill_then_rerun_writes_the_bytes_of_an_uninterrupted_run(seed, reference, pipelines,
+                                                                              prompt_file, tiny_pickscore, tmp_path):
+    from kill_helpers import assert_no_partial_file, kill_point, leftovers, run_killed, visible_files
+
     out = tmp_path / "killed"
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    command = [sys.executable, str(script), "pairs", *_options(pipelines, prompt_file, tiny_pickscore),
-               "--output", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == -9, result.stderr[-2000:]
-    work = out / ".work"
-    assert [p.name for p in (work / "gen-00").iterdir() if not p.name.startswith(".")] == ["shard-00000.parquet"]
-    assert any(p.name.startswith(".shard-00001") for p in (work / "gen-00").iterdir())  # the half-written one
+    options = ["pairs", *_options(pipelines, prompt_file, tiny_pickscore), "--output", str(out)]
+    # the atomic writes: .work/run.json, 3 image files of each generator, the 3 final shards, pairs.json
+    at = kill_point(11, seed=seed)
+    run_killed(options, at=at)
+    assert_no_partial_file(out, reference, skip=("pairs.json",))  # it names its folder and time
     assert not (out / "pairs.json").exists()
 
-    assert main(["pairs", *_options(pipelines, prompt_file, tiny_pickscore), "--output", str(out)]) == 0
-    assert _shard_bytes(out) == _shard_bytes(reference)
+    assert main(options) == 0
+    assert visible_files(out, skip=("pairs.json",)) == visible_files(reference, skip=("pairs.json",)), at
     assert _metadata(out) == _metadata(reference)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert leftovers(out) == [], at
 
 
 def test_two_torchrun_processes_write_the_bytes_of_one_process(reference, pipelines, prompt_file, tiny_pickscore,

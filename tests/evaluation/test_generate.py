@@ -230,3 +230,24 @@ def test_two_torchrun_processes_take_half_the_prompts_each_and_match_one_process
     assert names == sorted(p.name for p in (two / "images").iterdir()) and len(names) == 6
     for name in names:
         assert (one / "images" / name).read_bytes() == (two / "images" / name).read_bytes()
+
+
+def test_killed_by_sigkill_mid_image_then_rerun_writes_the_bytes_of_an_uninterrupted_run(tiny_pipelines, prompt_file,
+                                                                                          tmp_path, capsys):
+    from kill_helpers import assert_no_partial_file, kill_point, leftovers, run_killed, visible_files
+
+    options = ["generate", "--model", str(tiny_pipelines["sd15"]), "--prompts", str(prompt_file), *FAST,
+               "--images-per-prompt", "2", "--batch-size", "2"]
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    assert main([*options, "--out", str(reference)]) == 0
+    # the atomic writes: generation.json (the settings), 3 batches of 2 images, manifest.jsonl, generation.json
+    at = kill_point(9, seed=21)
+    run_killed([*options, "--out", str(out)], at=at)
+    assert_no_partial_file(out, reference, skip=("generation.json",))  # a killed run's holds no num_images yet
+    assert not (out / "manifest.jsonl").exists() or at == 8
+    if at > 0:  # the killed run's settings hold its rerun
+        assert main([*options, "--out", str(out), "--cfg", "3"]) == 2
+        assert "other settings (guidance_scale: 7.5 -> 3.0)" in capsys.readouterr().err
+    assert main([*options, "--out", str(out)]) == 0
+    assert visible_files(out) == visible_files(reference), at
+    assert leftovers(out) == [], at

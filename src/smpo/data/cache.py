@@ -25,8 +25,9 @@ Layout of the output folder::
 Several processes (``accelerate launch`` / ``torchrun``): process ``i`` of ``n`` encodes shards
 ``i, i + n, ...``; each notes the end of its pass in ``.work/``, and the main process writes the
 manifest once every process's pass is over (the bytes are those of one process). Shards are
-written atomically (``smpo.io.atomic_path``): a killed job resumes at the first
-missing shard; the manifest is written last. Read a cache with
+written atomically (``smpo.io.atomic_path``), with the same bytes in every process: a killed job
+resumes at the first missing shard (after removing the half-written one); the manifest is written
+last. Read a cache with
 :class:`smpo.data.latent_cache.LatentCache`.
 """
 
@@ -52,8 +53,10 @@ from smpo.io import (
     prepare_output_dir,
     read_json,
     refuse_changed_settings,
+    remove_temporaries,
     resolve_device,
     resolve_dtype,
+    save_safetensors,
     write_json,
 )
 from smpo.models import FAMILY_NAMES, Conditioning, FamilyAdapter, prepare_image
@@ -181,7 +184,6 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
     cannot be decoded are skipped and listed in the summary. Resumes an unfinished ``out`` made
     with the same settings; ``overwrite`` starts again.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from smpo.data.pairs import iter_shards, pairs_in_table
@@ -206,12 +208,14 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
         _check_resume(folder, info)
         write_json(folder / "cache.json", info)
         shutil.rmtree(work, ignore_errors=True)  # the passes of an earlier (killed) launch
+        for place in (folder, folder / "shards"):  # and its half-written files
+            remove_temporaries(place)
         work.mkdir()
         _announce(source, family, inversion)
-        with atomic_path(folder / "empty.safetensors") as tmp:
-            empty = family.encode_prompts([""]).to("cpu")
-            save_file({"hidden_states": _store(empty.hidden_states),
-                       **{f"added.{k}": v.float().contiguous() for k, v in (empty.added or {}).items()}}, str(tmp))
+        empty = family.encode_prompts([""]).to("cpu")
+        save_safetensors(folder / "empty.safetensors", {
+            "hidden_states": _store(empty.hidden_states),
+            **{f"added.{k}": v.float().contiguous() for k, v in (empty.added or {}).items()}})
     state.wait_for_everyone()
 
     shard_dir = folder / "shards"
@@ -231,8 +235,7 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
         pairs = list(pairs_in_table(source, table, first_row, keep_ties=True, stats=stats))
         tensors = encode_shard(family, pairs, batch_size=batch_size, inversion=inversion) if pairs else {}
         meta = {"rows": json.dumps(_shard_rows(pairs)), "skipped": json.dumps(stats.to_dict()["skipped"])}
-        with atomic_path(shard_dir / _shard_name(k)) as tmp:
-            save_file(tensors or {"empty": torch.zeros(0)}, str(tmp), metadata=meta)
+        save_safetensors(shard_dir / _shard_name(k), tensors or {"empty": torch.zeros(0)}, meta)
         summary.shards_written += 1
         bar.update(table.num_rows)
     bar.close()

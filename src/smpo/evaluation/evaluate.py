@@ -14,7 +14,8 @@ Output folder (default ``FOLDER/evaluation``):
 - ``evaluation.json``: the generated folder, the scorers and their paths and scales.
 
 Resuming: scores are written in small pieces (``parts/SCORER/part-NNNNN.parquet``, atomically); a
-rerun scores only the images that no piece holds yet.
+rerun removes the piece a kill left half-written and scores only the images that no piece holds
+yet (its tables are an uninterrupted run's).
 
 Several processes (``accelerate launch`` / ``torchrun``): every process lists the same missing
 images and cuts them into the same pieces; process ``i`` of ``n`` scores pieces ``i, i + n, ...``,
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from smpo.evaluation import stats
 from smpo.evaluation.manifest import KEY_COLUMNS, read_manifest
-from smpo.io import atomic_path, prepare_output_dir, read_json, write_json
+from smpo.io import atomic_path, prepare_output_dir, read_json, remove_temporaries, write_json
 
 PAPER_SCORERS = ("pickscore", "hpsv2.1", "imagereward", "aesthetic", "clip")
 RECORD = "evaluation.json"
@@ -67,6 +68,8 @@ def evaluate_folder(folder: str | os.PathLike, scorers: Sequence[str] = PAPER_SC
     out = Path(out) if out is not None else folder / "evaluation"
     if state.is_main_process:
         prepare_output_dir(out, overwrite=overwrite)
+        for place in (out, *(out / "parts" / _safe(name) for name in scorers)):  # what a kill half wrote
+            remove_temporaries(place)
     state.wait_for_everyone()
     records = read_manifest(folder)
     if not records:
@@ -74,12 +77,16 @@ def evaluate_folder(folder: str | os.PathLike, scorers: Sequence[str] = PAPER_SC
     info = _check_record(out, folder, scorers, scorer_paths)
     table = pd.DataFrame([r.__dict__ for r in records])
     for name in scorers:
-        info["scorers"][name]["scale"] = _score_missing(
-            name, table, folder, out, loaded=(loaded or {}).get(name), path=scorer_paths.get(name),
-            batch_size=batch_size, chunk_size=chunk_size, device=device, dtype=dtype,
-            progress=progress and state.is_local_main_process, rank=state.process_index, world=state.num_processes,
-            wait=state.wait_for_everyone,
-        ) or info["scorers"][name].get("scale", "")
+        def note_scale(scale: str, name: str = name) -> None:  # before the first piece: a rerun may score none
+            info["scorers"][name]["scale"] = scale
+            if state.is_main_process:
+                write_json(out / RECORD, info)
+
+        info["scorers"][name].setdefault("scale", "")
+        _score_missing(name, table, folder, out, loaded=(loaded or {}).get(name), path=scorer_paths.get(name),
+                       batch_size=batch_size, chunk_size=chunk_size, device=device, dtype=dtype,
+                       progress=progress and state.is_local_main_process, rank=state.process_index,
+                       world=state.num_processes, wait=state.wait_for_everyone, on_scale=note_scale)
         if state.is_main_process:
             write_json(out / RECORD, info)
         table[name] = _read_scores(out, name, table)
@@ -152,11 +159,13 @@ def _done_keys(out: Path, name: str) -> set[tuple[int, int]]:
 
 def _score_missing(name: str, table: pd.DataFrame, folder: Path, out: Path, *, loaded, path, batch_size: int,
                    chunk_size: int, device, dtype, progress: bool, rank: int = 0, world: int = 1,
-                   wait: Callable[[], None] = lambda: None) -> str | None:
-    """Score the images of ``table`` that no piece of ``name`` holds; returns the scorer's scale note.
+                   wait: Callable[[], None] = lambda: None, on_scale: Callable[[str], None] = lambda scale: None
+                   ) -> None:
+    """Score the images of ``table`` that no piece of ``name`` holds.
 
     Process ``rank`` of ``world`` scores pieces ``rank, rank + world, ...`` of the missing images;
-    ``wait`` (a barrier) makes every process list the missing images before any writes a piece.
+    ``wait`` (a barrier) makes every process list the missing images before any writes a piece;
+    ``on_scale(note)`` gets the loaded scorer's scale note before its first piece is written.
     """
     from smpo.processes import wait_until
 
@@ -166,7 +175,7 @@ def _score_missing(name: str, table: pd.DataFrame, folder: Path, out: Path, *, l
     wait()
     todo = table[[k not in done for k in zip(table["prompt_index"], table["image_index"])]]
     if todo.empty:
-        return None
+        return
     starts = list(range(0, len(todo), chunk_size))
     piece = lambda k: out / "parts" / _safe(name) / f"part-{first + k:05d}.parquet"  # noqa: E731
     mine = [k for k in range(len(starts)) if k % world == rank]
@@ -175,13 +184,14 @@ def _score_missing(name: str, table: pd.DataFrame, folder: Path, out: Path, *, l
         from smpo.rewards import load_scorer
 
         scorer = load_scorer(name, path=path, device=device, dtype=dtype, batch_size=batch_size)
+    if scorer is not None:
+        on_scale(getattr(scorer, "scale", "") or "")
     for k in tqdm(mine, desc=f"score {name}", unit="chunk", disable=not progress):
         chunk = todo.iloc[starts[k] : starts[k] + chunk_size]
         images = [_open(folder / f) for f in chunk["file"]]
         scores = scorer(images, chunk["prompt"].tolist())
         with atomic_path(piece(k)) as tmp:
             chunk[list(KEY_COLUMNS)].assign(score=[float(s) for s in scores]).to_parquet(tmp, index=False)
-    scale = getattr(scorer, "scale", "") or ""
     if loaded is None and scorer is not None:
         del scorer
         gc.collect()
@@ -189,7 +199,6 @@ def _score_missing(name: str, table: pd.DataFrame, folder: Path, out: Path, *, l
     if world > 1:  # the others' pieces: met on disk, not at a barrier (processes may run hours apart)
         wait_until(lambda: all(piece(k).exists() for k in range(len(starts))), f"the {name} scores of the other "
                    "processes", "smpo evaluate")
-    return scale
 
 
 def _open(path: Path) -> Image.Image:

@@ -10,9 +10,10 @@ Defaults follow the paper (Appendix D): one image per prompt, seed 0, CFG 7.5 (S
 with a ControlNet: CFG 5 and conditioning scale 0.3 (canny) or 0.5 (depth).
 
 Output folder: ``images/PPPPP_II.png``, ``manifest.jsonl`` (see :mod:`smpo.evaluation.manifest`)
-and ``generation.json`` (the settings). Every PNG is written atomically; a rerun skips the images
-that exist, so a killed run resumes where it stopped. A rerun with settings that change the images
-(model, seed, CFG, steps...) is refused unless ``--overwrite``.
+and ``generation.json`` (the settings, written first). Every PNG is written atomically; a rerun
+skips the images that exist, so a killed run resumes where it stopped (and its output is an
+uninterrupted run's). A rerun with settings that change the images (model, seed, CFG, steps...) is
+refused unless ``--overwrite``, a killed run's rerun too.
 
 Several GPUs: ``accelerate launch -m smpo.cli generate ...``; process ``k`` of ``n`` takes the
 prompts whose index is ``k`` modulo ``n``.
@@ -42,6 +43,7 @@ from smpo.io import (
     prepare_output_dir,
     read_json,
     refuse_changed_settings,
+    remove_temporaries,
     resolve_device,
     resolve_dtype,
     write_json,
@@ -174,7 +176,7 @@ def generate_images(pipe, prompts: Sequence[Prompt | str], out: str | Path, *, g
                 "negative_prompt": negative_prompt, "conditioning_scale": conditioning_scale, **(settings or {})}
     if finish:
         out.mkdir(parents=True, exist_ok=True)
-        _check_resume(out, recorded, plan)
+        _start_or_resume(out, recorded, plan)
     mine = [r for r in plan if r.prompt_index % num_processes == process_index]
     todo = [r for r in mine if not (out / r.file).is_file()]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -238,8 +240,10 @@ def resolve_defaults(config: GenerateConfig, family: str) -> GenerateConfig:
     return config
 
 
-def _check_resume(out: Path, settings: dict, plan: Sequence[ImageRecord]) -> None:
-    """Refuse to resume into ``out`` when its images were made with other settings or prompts."""
+def _start_or_resume(out: Path, settings: dict, plan: Sequence[ImageRecord]) -> None:
+    """Refuse to resume into ``out`` when its images were made with other settings or prompts;
+    else note the settings before any image (a killed run's rerun is held to them) and remove the
+    image a kill left half-written."""
     path = out / SETTINGS
     if path.is_file():
         refuse_changed_settings(out, read_json(path).get("image_settings", {}), settings, what="images")
@@ -249,6 +253,10 @@ def _check_resume(out: Path, settings: dict, plan: Sequence[ImageRecord]) -> Non
         if old is not None and old != r.prompt:
             raise ValueError(f"{out}: prompt {r.prompt_index} was {old!r} in an earlier run, now {r.prompt!r}; "
                              "use another output folder or --overwrite")
+    if not path.is_file():
+        write_json(path, {"image_settings": settings})  # num_images comes at the end (finish_output)
+    for folder in (out, out / "images"):
+        remove_temporaries(folder)
 
 
 def generate(config: GenerateConfig) -> Path:
@@ -265,7 +273,7 @@ def generate(config: GenerateConfig) -> Path:
         prepare_output_dir(out, overwrite=config.overwrite, resume=True)
         plan = plan_images(prompts, images_per_prompt=config.images_per_prompt, seed=config.seed,
                            seed_per_prompt=config.seed_per_prompt)
-        _check_resume(out, settings, plan)
+        _start_or_resume(out, settings, plan)
     state.wait_for_everyone()
 
     device = resolve_device(config.device) if config.device else state.device

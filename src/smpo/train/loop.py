@@ -123,7 +123,8 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None,
             bar.close()
     accelerator.wait_for_everyone()
     result.checkpoints = list_checkpoints(run_dir)
-    result.export = export(setup, run_dir, step=result.step, metrics=result.metrics[-1] if result.metrics else None)
+    last = result.metrics[-1] if result.metrics else _last_record(run_dir / METRICS_FILE)  # killed while exporting
+    result.export = export(setup, run_dir, step=result.step, metrics=last)
     if end_process_group:
         accelerator.end_training()
     else:
@@ -241,6 +242,9 @@ def export(setup: TrainingSetup, run_dir: Path, *, step: int = 0, metrics: dict[
     folder = run_dir / "final" / ("lora" if lora else network)
     unet, state = setup.parallel.export_state(setup.policy, lora=lora)
     if accelerator.is_main_process:
+        from smpo.io import remove_temporaries
+
+        remove_temporaries(run_dir / "final")  # what a kill during an earlier export left
         if lora:
             export_lora(unet, folder, family, state)
         else:
@@ -290,6 +294,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _last_record(path: Path) -> dict[str, float] | None:
+    """The last record of ``metrics.jsonl`` (which the main process writes), if any."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return json.loads(lines[-1]) if lines else None
 
 
 def _flat(config: TrainConfig) -> dict[str, Any]:
