@@ -205,3 +205,27 @@ def test_an_online_rung_trains_with_smpo_online_and_counts_its_sampling(tmp_path
                                   {"online-dpo-round": {"learning_rate": 1e-5}}) if r["setting"] == "tuned"]
     assert row["sampling_evals_per_step"] == result["sampling_network_evals"] / 2
     assert row["unet_evals_per_step"] == pytest.approx(sum(result["unet_evals"]) / 2 + row["sampling_evals_per_step"])
+
+
+def test_a_job_another_process_is_running_waits_for_it_and_takes_its_result(tmp_path):
+    import fcntl
+    import threading
+    from dataclasses import replace
+
+    from smpo.world.model import base_path
+    from smpo.world.study import run_job
+
+    cfg = replace(QUICK, max_prompts=1)
+    job = Job("base", 0.0, 7, "validation")
+    (tmp_path / "work" / "base").mkdir(parents=True)
+    done: list[dict] = []
+    with open(tmp_path / "work" / "base" / ".seed7-validation.lock", "w") as held:  # a worker of a killed study
+        fcntl.flock(held, fcntl.LOCK_EX)
+        thread = threading.Thread(target=lambda: done.append(run_job(job, cfg, tmp_path, base_path(), tmp_path)))
+        thread.start()
+        thread.join(timeout=3)
+        assert thread.is_alive() and not done  # waiting, not running the same job beside it
+        (tmp_path / "results" / "base").mkdir(parents=True)
+        (tmp_path / "results" / "base" / "seed7-validation.json").write_text(json.dumps({"scores": {"0": [0.5]}}))
+    thread.join(timeout=60)
+    assert done == [{"scores": {"0": [0.5]}}]  # the other process's result, not a second run

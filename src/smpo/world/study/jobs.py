@@ -8,11 +8,12 @@ separate processes of one thread each (faster than one process with two threads 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,6 +30,29 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
     (so win rates against the base are paired). Training and images are deleted afterwards; the
     result keeps every image's score.
     """
+    result_path = root / "results" / f"{job.name}.json"
+    if result_path.is_file():
+        return read_json(result_path)
+    work = root / "work" / job.name
+    with _job_lock(work):  # a worker of an earlier, killed study may still be running this job
+        if result_path.is_file():
+            return read_json(result_path)
+        return _run_job(job, cfg, root, base, dataset, result_path, work)
+
+
+@contextlib.contextmanager
+def _job_lock(work: Path) -> Iterator[None]:
+    """Hold ``work``'s lock file (an OS lock, released when its process dies): one process a job."""
+    import fcntl
+
+    work.parent.mkdir(parents=True, exist_ok=True)
+    with open(work.parent / f".{work.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path, result_path: Path,
+             work: Path) -> dict[str, Any]:
     import torch
 
     from smpo.train.checkpoint import list_checkpoints
@@ -36,11 +60,7 @@ def run_job(job: Job, cfg: StudyConfig, root: Path, base: Path, dataset: Path) -
     from smpo.world.reward import load_world_scorer
     from smpo.world.stages import DemoConfig, checkpoint_unet, score_images, train_config
 
-    result_path = root / "results" / f"{job.name}.json"
-    if result_path.is_file():
-        return read_json(result_path)
     torch.set_num_threads(1)
-    work = root / "work" / job.name
     prompts = split_prompts(cfg, job.split)
     per_prompt = cfg.images_per_prompt if job.split == "held_out" else cfg.validation_images_per_prompt
     scorer = load_world_scorer()
