@@ -237,3 +237,16 @@ def test_two_processes_sample_and_train_what_one_process_does(pipeline, prompt_f
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
+
+
+def test_sampled_latents_keeps_each_rounds_latents_and_trains_on_them(pipeline, prompt_file, tiny_pickscore,
+                                                                      tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "latents"
+    assert main([*_options(pipeline, prompt_file, tiny_pickscore, "--sampled-latents"), "--output", str(out)]) == 0
+    for r in (0, 1):
+        table = pq.read_table(out / f"round-{r:03d}" / "pairs" / "train-00000-of-00002.parquet")
+        assert {"latent_0", "latent_1", "latent_shape_0", "latent_shape_1"} <= set(table.column_names)
+        assert _train_config(out, r)["data"]["stored_latents"] is True
+    assert math.isfinite(_first_step(out, 1)["loss"])

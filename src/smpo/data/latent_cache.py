@@ -126,6 +126,16 @@ def pair_batch(pairs: Sequence[CachedPair], seeds: Sequence[int], *, human_label
     return batch if device is None else batch.to(device)
 
 
+@dataclass(frozen=True)
+class _ShardLayout:
+    """The tensor names of one shard by role: ``(key, name)`` of the text's and each image's added
+    conditioning, and whether it stores inversions."""
+
+    text_added: list[tuple[str, str]]
+    image_added: tuple[list[tuple[str, str]], list[tuple[str, str]]]
+    inversion: bool
+
+
 class LatentCache:
     """Read a folder written by ``smpo cache``: ``len``, ``pair_ids``, ``get(pair_id)``, ``cache[i]``.
 
@@ -144,7 +154,7 @@ class LatentCache:
         self.manifest = pq.read_table(manifest_path).to_pydict()
         self._ids: list[str] = [str(p) for p in self.manifest["pair_id"]]
         self._row_of = {pid: i for i, pid in enumerate(self._ids)}
-        self._shards: dict[str, Any] = {}
+        self._shards: dict[str, tuple[Any, _ShardLayout]] = {}
 
     @property
     def family(self) -> str:
@@ -170,11 +180,18 @@ class LatentCache:
     def __iter__(self) -> Iterator[CachedPair]:
         return (self.get(pid) for pid in self._ids)
 
-    def _shard(self, name: str) -> Any:
+    def _shard(self, name: str) -> tuple[Any, _ShardLayout]:
+        """An open shard and which of its tensors hold what (read once per shard, not per pair)."""
         if name not in self._shards:
             from safetensors import safe_open
 
-            self._shards[name] = safe_open(str(self.folder / "shards" / name), framework="pt")
+            shard = safe_open(str(self.folder / "shards" / name), framework="pt")
+            names = list(shard.keys())
+            self._shards[name] = (shard, _ShardLayout(
+                text_added=[(n.split(".", 2)[2], n) for n in names if n.startswith("text.added.")],
+                image_added=tuple([(n.split(".", 2)[2], n) for n in names if n.startswith(f"image{k}.added.")]
+                                  for k in (0, 1)),
+                inversion="image0.inversion" in names))
         return self._shards[name]
 
     def get(self, pair_id: str | int) -> CachedPair:
@@ -183,14 +200,12 @@ class LatentCache:
         if key not in self._row_of:
             raise KeyError(f"pair {key!r} is not in the cache {self.folder}")
         row = self._row_of[key]
-        shard = self._shard(self.manifest["shard"][row])
+        shard, layout = self._shard(self.manifest["shard"][row])
         i, c = int(self.manifest["index"][row]), int(self.manifest["caption_index"][row])
-        names = shard.keys()
-        text_added = {n.split(".", 2)[2]: shard.get_slice(n)[c] for n in names if n.startswith("text.added.")}
-        image_added = tuple({n.split(".", 2)[2]: shard.get_slice(n)[i] for n in names
-                             if n.startswith(f"image{k}.added.")} for k in (0, 1))
+        text_added = {k: shard.get_slice(n)[c] for k, n in layout.text_added}
+        image_added = tuple({k: shard.get_slice(n)[i] for k, n in names} for names in layout.image_added)
         inversion = None
-        if "image0.inversion" in names:
+        if layout.inversion:
             inversion = (shard.get_slice("image0.inversion")[i], shard.get_slice("image1.inversion")[i])
         return CachedPair(
             pair_id=key, caption=self.manifest["caption"][row],

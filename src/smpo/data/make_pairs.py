@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import shutil
 import time
@@ -49,7 +50,7 @@ from smpo.data.generators import (
     parse_scorer_paths,
 )
 from smpo.data.generators import resolved as resolved_spec
-from smpo.data.pair_images import IMAGE_FORMATS, sample_and_score, work_file, write_work_file
+from smpo.data.pair_images import IMAGE_FORMATS, LATENT_SHAPE, sample_and_score, work_file, write_work_file
 from smpo.data.pairing import PAIRING_RULES, PairingRule, form_pairs, winner_first
 from smpo.io import (
     check_model_source,
@@ -112,6 +113,8 @@ class PairsConfig:
     """Upper end of the score range of Eq. 11 (default: the highest score of a paired image)."""
     pair_id_prefix: str = ""
     """Put before every pair_id (`<prefix><prompt index>-<pair index>`), to keep the ids of several sets distinct."""
+    keep_latents: bool = False
+    """Also keep every paired image's sampled latent (latent_0, latent_1; float32) beside it, so `smpo train --stored-latents` trains on what the generator sampled instead of re-encoding the stored image through the VAE (only for a model with the generators' VAE)."""
     keep_image_scores: bool = False
     """Also keep every image's score, paired or not, in image_scores.json (generator, prompt_index, image_index, seed, score)."""
     categories: list[str] | None = None
@@ -214,14 +217,18 @@ def _make_images(spec: GeneratorSpec, family: str, shards: list[int], work: Path
                  scorer: MixedScorer, config: PairsConfig, device: Any, dtype: Any,
                  on_images: Callable[[int], Any]) -> None:
     from smpo.evaluation.pipelines import load_pipeline
+    from smpo.models.loading import FAMILIES
 
     pipe, _ = load_pipeline(spec.model, family=family, unet=spec.unet, lora_scale=spec.lora_scale,
                             scheduler=spec.scheduler, dtype=dtype, device=device)
+    latents_of = None
+    if config.keep_latents:
+        latents_of = functools.partial(_sampled_latents, FAMILIES[family], pipe)
     for k in shards:
         table = sample_and_score(pipe, spec, _shard_prompts(prompts, k, config.shard_size), scorer,
                                  images_per_prompt=config.images_per_prompt, seed=config.seed,
                                  seed_per_prompt=config.seed_per_prompt, batch_size=config.batch_size,
-                                 image_format=config.image_format, on_images=on_images)
+                                 image_format=config.image_format, on_images=on_images, latents_of=latents_of)
         write_work_file(work_file(work, j, k), table)
     del pipe
     if device.type == "cuda":
@@ -230,13 +237,19 @@ def _make_images(spec: GeneratorSpec, family: str, shards: list[int], work: Path
         torch.cuda.empty_cache()
 
 
+def _sampled_latents(adapter: Any, pipe: Any, latents: Any, height: int, width: int) -> Any:
+    return adapter.sampled_latents(pipe, latents, height=height, width=width)
+
+
 def _settings(config: PairsConfig, specs: list[GeneratorSpec], families: list[str], weights: dict[str, float],
               scorer_paths: dict[str, str], dtype: str) -> dict[str, Any]:
     """Everything that fixes the bytes of the set; a resumed run must repeat it."""
     keys = ("prompts", "images_per_prompt", "seed", "seed_per_prompt", "pairing", "min_gap", "pairs_per_prompt",
             "across_generators", "categories", "limit", "batch_size", "score_batch_size", "shard_size",
             "image_format", "score_min", "score_max")
-    extra = {"pair_id_prefix": config.pair_id_prefix} if config.pair_id_prefix else {}  # absent from older runs
+    extra: dict[str, Any] = {"pair_id_prefix": config.pair_id_prefix} if config.pair_id_prefix else {}
+    if config.keep_latents:  # absent from older runs, like the prefix
+        extra["keep_latents"] = True
     return {**{k: getattr(config, k) for k in keys}, **extra, "dtype": dtype, "scorer": weights, "scorer_paths": scorer_paths,
             "generators": [{**asdict(s), "family": f} for s, f in zip(specs, families)]}
 
@@ -278,12 +291,14 @@ def pair_table(images: pa.Table, pairs: list[tuple[int, int, int]], specs: list[
     """The shard's pairs in the Pick-a-Pic schema (without ``winner``/``p_win``)."""
     data = images.to_pydict()
     parts = [name[len("score_"):] for name in images.column_names if name.startswith("score_")]
+    latents = ("latent", "latent_shape") if "latent" in images.column_names else ()
     names = [specs[g].name for g in data["generator"]]
     uid = [f"{names[r]}/{data['prompt_index'][r]:05d}_{data['image_index'][r]:02d}" for r in range(images.num_rows)]
     columns: dict[str, list] = {c: [] for c in (
         "pair_id", "caption", "jpg_0", "jpg_1", "model_0", "model_1", "label_0", "label_1", "image_0_uid",
         "image_1_uid", "best_image_uid", "seed_0", "seed_1", "prompt_index", "score_0", "score_1",
-        *(f"score_{side}_{name}" for name in parts for side in (0, 1)))}
+        *(f"score_{side}_{name}" for name in parts for side in (0, 1)),
+        *(f"{c}_{side}" for c in latents for side in (0, 1)))}
     counts: dict[int, int] = {}
     for p, w, lo in pairs:
         r = counts[p] = counts.get(p, -1) + 1
@@ -294,12 +309,14 @@ def pair_table(images: pa.Table, pairs: list[tuple[int, int, int]], specs: list[
             row.update({f"jpg_{side}": data["image"][i], f"model_{side}": names[i], f"image_{side}_uid": uid[i],
                         f"seed_{side}": data["seed"][i], f"score_{side}": data["score"][i]})
             row.update({f"score_{side}_{name}": data[f"score_{name}"][i] for name in parts})
+            row.update({f"{c}_{side}": data[c][i] for c in latents})
         for key, value in row.items():
             columns[key].append(value)
     types = {"jpg_0": pa.binary(), "jpg_1": pa.binary(), "seed_0": pa.int64(), "seed_1": pa.int64(),
              "prompt_index": pa.int64(), "pair_id": pa.string(), "caption": pa.string(), "model_0": pa.string(),
              "model_1": pa.string(), "image_0_uid": pa.string(), "image_1_uid": pa.string(),
-             "best_image_uid": pa.string()}
+             "best_image_uid": pa.string(), "latent_0": pa.binary(), "latent_1": pa.binary(),
+             "latent_shape_0": LATENT_SHAPE, "latent_shape_1": LATENT_SHAPE}
     schema = pa.schema([(c, types.get(c, pa.float64())) for c in columns])
     return pa.Table.from_pydict(columns, schema=schema)
 

@@ -25,6 +25,7 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -197,21 +198,33 @@ def generate_images(pipe, prompts: Sequence[Prompt | str], out: str | Path, *, g
 
 def sample_batch(pipe, batch: Sequence[ImageRecord], *, guidance_scale: float, num_inference_steps: int,
                  height: int | None, width: int | None, negative_prompt: str | None,
-                 control_image: Callable[[int], Image.Image] | None, conditioning_scale: float | None
-                 ) -> list[Image.Image]:
+                 control_image: Callable[[int], Image.Image] | None, conditioning_scale: float | None,
+                 on_latents: Callable[[torch.Tensor], Any] | None = None) -> list[Image.Image]:
     """One pipeline call for the images of ``batch`` (``smpo generate`` and ``smpo pairs`` both sample here).
 
-    One CPU generator per image: its starting noise does not depend on the batch or the device."""
+    One CPU generator per image: its starting noise does not depend on the batch or the device.
+    ``on_latents`` is given the latents of the last sampling step (the ones the pipeline decodes,
+    in its own layout), caught by the pipeline's ``callback_on_step_end``."""
     generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in batch]
-    kwargs = dict(prompt=[r.prompt for r in batch], guidance_scale=guidance_scale,
-                  num_inference_steps=num_inference_steps, height=height, width=width, generator=generators,
-                  output_type="pil")
+    kwargs: dict[str, Any] = dict(prompt=[r.prompt for r in batch], guidance_scale=guidance_scale,
+                                  num_inference_steps=num_inference_steps, height=height, width=width,
+                                  generator=generators, output_type="pil")
+    last: list[torch.Tensor] = []
+    if on_latents is not None:
+        def keep(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            last[:] = [tensors["latents"]]
+            return tensors
+
+        kwargs.update(callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
     if negative_prompt is not None:
         kwargs["negative_prompt"] = [negative_prompt] * len(batch)
     if control_image is not None:
         kwargs["image"] = [control_image(r.prompt_index) for r in batch]
         kwargs["controlnet_conditioning_scale"] = conditioning_scale
-    return pipe(**kwargs).images
+    images = pipe(**kwargs).images
+    if on_latents is not None:
+        on_latents(last[0].detach().float().cpu())
+    return images
 
 
 def image_settings(config: GenerateConfig, family: str) -> dict:

@@ -150,6 +150,12 @@ class FamilyAdapter(ABC):
         return None
 
     @classmethod
+    def sampled_latents(cls, pipe: Any, latents: Tensor, *, height: int, width: int) -> Tensor:
+        """The latents of a pipeline's last sampling step, ``[B, C, h, w]`` in the space training
+        uses (:meth:`encode_images`': shifted and scaled); the pipeline's own layout otherwise."""
+        return latents
+
+    @classmethod
     def pipeline_kwargs(cls, *, safety_checker: bool) -> dict[str, Any]:
         """Keyword arguments of the pipeline's ``from_pretrained``: without ``safety_checker``, the
         family's safety checker (if it has one) is left out."""

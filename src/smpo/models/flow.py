@@ -279,6 +279,11 @@ class FluxAdapter(FlowAdapter):
         family's training resolution, the VAE's ``sample_size`` (1024 for FLUX.1 either way)."""
         pipe.default_sample_size = int(pipe.vae.config.sample_size) // pipe.vae_scale_factor
 
+    @classmethod
+    def sampled_latents(cls, pipe: Any, latents: Tensor, *, height: int, width: int) -> Tensor:
+        """FluxPipeline samples 2x2-packed latents: unpacked here (what its decoding does)."""
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], *, original_sizes: Sequence[Size] | None = None,
                        crops_coords: Sequence[Size] | None = None) -> Conditioning:

@@ -61,6 +61,8 @@ class OnlineConfig:
     """Lower end of Eq. 11's score range for every round (with --score-max; default: round 0's range)."""
     score_max: float | None = None
     """Upper end of Eq. 11's score range for every round (with --score-min; default: round 0's range)."""
+    sampled_latents: bool = False
+    """Train on the latents the policy sampled (smpo pairs --keep-latents, smpo train data.stored_latents) instead of the stored images re-encoded by the VAE."""
     reference: Literal["base", "round"] = "base"
     """The reference network: base (the frozen base model, every round) or round (the policy at the start of the round: iterative DPO)."""
     replay_rounds: int | None = 0
@@ -128,6 +130,8 @@ class OnlineConfig:
         data = dataclasses.asdict(self)
         for key in ("output", "overwrite", "progress"):
             data.pop(key)
+        if not self.sampled_latents:  # absent from the settings of runs made before it existed
+            data.pop("sampled_latents")
         return data
 
 
@@ -185,7 +189,8 @@ def pairs_config(config: OnlineConfig, round_index: int, num_prompts: int, outpu
         pairing=config.pairing, min_gap=config.min_gap, pairs_per_prompt=config.pairs_per_prompt, limit=config.limit,
         batch_size=config.sample_batch_size, score_batch_size=config.score_batch_size, shard_size=config.shard_size,
         image_format=config.image_format, dtype=config.dtype, score_min=lo, score_max=hi,
-        pair_id_prefix=f"r{round_index:03d}-", keep_image_scores=True, progress=config.progress)
+        pair_id_prefix=f"r{round_index:03d}-", keep_image_scores=True, keep_latents=config.sampled_latents,
+        progress=config.progress)
 
 
 def round_train_config(train: Any, config: OnlineConfig, round_index: int, *, dataset: Path, run_dir: Path,
@@ -207,7 +212,8 @@ def round_train_config(train: Any, config: OnlineConfig, round_index: int, *, da
         if config.reference == "base" and policy is not None and train.model.finetune == "full":
             model = dataclasses.replace(model, reference_unet=base_network or config.model)
     return dataclasses.replace(
-        train, model=model, data=dataclasses.replace(train.data, dataset=str(dataset), cache=None),
+        train, model=model, data=dataclasses.replace(train.data, dataset=str(dataset), cache=None,
+                                                     stored_latents=config.sampled_latents),
         optim=dataclasses.replace(train.optim, max_steps=config.train_steps),
         run=dataclasses.replace(train.run, output_dir=str(run_dir), seed=train.run.seed + round_index, resume=True,
                                 overwrite=False, progress=config.progress))

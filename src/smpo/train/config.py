@@ -99,6 +99,10 @@ class DataConfig:
     vae_sample: bool = False
     """Encode images with a posterior sample (the authors' `latent_dist.sample()`, seeded per image,
     pair and epoch) instead of the posterior mean (smpo's default; what `smpo cache` stores)."""
+    stored_latents: bool = False
+    """Train on the sampled latents a set made by `smpo pairs --keep-latents` stores (latent_0,
+    latent_1) instead of encoding its images with the VAE; for a model with the generators' VAE,
+    at the resolution they sampled (each image's size is the latent's, uncropped)."""
     size_conditioning: Literal["image", "target"] = "image"
     """SDXL micro-conditioning of training images: `image` (each image's real original size and crop,
     as diffusers' SDXL fine-tuning scripts do) or `target` (the fixed (R, R, 0, 0, R, R) of the

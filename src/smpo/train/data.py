@@ -23,6 +23,7 @@ An unpaired method draws single images from either (`smpo.train.unpaired`).
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class Layout:
 # Labelled dataset (parquet shards)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1")
+BULK_COLUMNS = ("jpg_0", "jpg_1", "latent_0", "latent_1")  # read per row group, only when a batch needs them
 
 
 class LabelledPairs:
@@ -117,14 +119,14 @@ class LabelledPairs:
                 starts.append(starts[-1] + group["num_rows"])
         self._group_starts = np.asarray(starts)
         self._handles: dict[int, Any] = {}
-        self._last_group: tuple[int, Any] | None = None  # the last group read (neighbouring rows share it)
+        self._last_group: tuple[Any, Any] | None = None  # the last group read (neighbouring rows share it)
         names = self._dataset.schema.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise ValueError(f"{self.folder}: missing column(s) {', '.join(missing)}; "
                              f"expected {', '.join(REQUIRED_COLUMNS)} (+ pair_id, winner, p_win, label_0); "
                              f"found {', '.join(names)}")
-        meta = self._dataset.to_table(columns=[c for c in names if c not in ("jpg_0", "jpg_1")]).to_pydict()
+        meta = self._dataset.to_table(columns=[c for c in names if c not in BULK_COLUMNS]).to_pydict()
         total = len(meta["caption"])
         meta["pair_id"] = [str(p) for p in meta.get("pair_id", range(total))]
         keep = range(total if max_pairs is None else min(max_pairs, total))
@@ -137,26 +139,31 @@ class LabelledPairs:
     def __len__(self) -> int:
         return len(self.rows_in_files)
 
-    def rows(self, indices: list[int], *, images: bool = True) -> list[dict[str, Any]]:
-        """The rows at ``indices`` as dicts (with ``jpg_0``/``jpg_1`` bytes when ``images``)."""
+    def rows(self, indices: list[int], *, images: bool = True, latents: bool = False) -> list[dict[str, Any]]:
+        """The rows at ``indices`` as dicts (with ``jpg_0``/``jpg_1`` bytes when ``images``, or
+        ``latent_0``/``latent_1`` bytes when ``latents``: `smpo pairs --keep-latents`)."""
         out = [{k: v[i] for k, v in self.meta.items()} for i in indices]
-        if images:
+        if latents and "latent_0" not in self.columns:
+            raise ValueError(f"{self.folder}: data.stored_latents needs the latent_0/latent_1 columns of a set "
+                             "made by `smpo pairs --keep-latents`; this set has none")
+        columns = ("latent_0", "latent_1") if latents else ("jpg_0", "jpg_1")
+        if images or latents:
             for row, i in zip(out, indices):
-                row["jpg_0"], row["jpg_1"] = self._images(self.rows_in_files[i])
+                row.update(zip(columns, self._bulk(self.rows_in_files[i], columns)))
         return out
 
-    def _images(self, file_row: int) -> tuple[bytes, bytes]:
-        """The two image columns of one row of the files, read with its row group."""
+    def _bulk(self, file_row: int, columns: tuple[str, str]) -> tuple[bytes, bytes]:
+        """Two bulk columns (images or latents) of one row of the files, read with its row group."""
         import pyarrow.parquet as pq
 
         group = int(np.searchsorted(self._group_starts, file_row, side="right")) - 1
-        if self._last_group is None or self._last_group[0] != group:
+        if self._last_group is None or self._last_group[0] != (group, columns):
             f, g = self._groups[group]
             if f not in self._handles:
                 self._handles[f] = pq.ParquetFile(self._files[f])
-            self._last_group = (group, self._handles[f].read_row_group(g, columns=["jpg_0", "jpg_1"]))
+            self._last_group = ((group, columns), self._handles[f].read_row_group(g, columns=list(columns)))
         table, at = self._last_group[1], file_row - int(self._group_starts[group])
-        return table.column("jpg_0")[at].as_py(), table.column("jpg_1")[at].as_py()
+        return table.column(columns[0])[at].as_py(), table.column(columns[1])[at].as_py()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +184,9 @@ class PairDraws:
         return self.flip if self.image_flips is None else self.image_flips[side]
 
 
+_DRAWS = threading.local()
+
+
 def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float, random_flip: bool,
                flip_per_image: bool = False) -> PairDraws:
     """The draws of pair ``pair_id`` (compared as a string, as the cache stores it) in ``epoch``.
@@ -186,12 +196,19 @@ def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float,
     """
     pair_id = str(pair_id)
 
-    def coin(stream: str) -> bool:
-        return bool(torch.rand((), generator=pair_generator(seed, pair_id, epoch, stream)) < 0.5)
+    def uniform(stream: str) -> float:
+        """The first uniform draw of ``pair_generator(seed, pair_id, epoch, stream)``, from one
+        reseeded generator per thread (building a generator per draw cost more than the draw)."""
+        generator = _DRAWS.__dict__.get("generator")
+        if generator is None:
+            generator = _DRAWS.generator = torch.Generator()
+        generator.manual_seed(derive_seed(seed, pair_id, epoch, stream))
+        return float(torch.rand((), generator=generator))
 
-    flip = random_flip and coin("flip")
-    image_flips = (random_flip and coin("flip-0"), random_flip and coin("flip-1")) if flip_per_image else None
-    drop = bool(torch.rand((), generator=pair_generator(seed, pair_id, epoch, "prompt")) < empty_prompt_rate)
+    flip = random_flip and uniform("flip") < 0.5
+    image_flips = ((random_flip and uniform("flip-0") < 0.5, random_flip and uniform("flip-1") < 0.5)
+                   if flip_per_image else None)
+    drop = uniform("prompt") < empty_prompt_rate
     return PairDraws(flip=flip, drop_prompt=drop, noise_seed=derive_seed(seed, pair_id, epoch, "noise"),
                      image_flips=image_flips)
 
@@ -201,10 +218,16 @@ class ImagePairs:
 
     def __init__(self, labelled: LabelledPairs, family: Any, *, resolution: int, seed: int,
                  empty_prompt_rate: float, random_flip: bool, labels: str, size_conditioning: str = "image",
-                 flip_per_image: bool = False, vae_sample: bool = False):
+                 flip_per_image: bool = False, vae_sample: bool = False, stored_latents: bool = False):
         self.labelled, self.family, self.resolution = labelled, family, resolution
         self.seed, self.empty_prompt_rate, self.random_flip, self.labels = seed, empty_prompt_rate, random_flip, labels
         self.size_conditioning, self.flip_per_image, self.vae_sample = size_conditioning, flip_per_image, vae_sample
+        self.stored_latents = stored_latents
+        if stored_latents:
+            if vae_sample:
+                raise ValueError("data.stored_latents and data.vae_sample exclude each other: stored latents are "
+                                 "not encoded")
+            labelled.rows([0], images=False, latents=True)  # a set without latents fails here, naming itself
         self.uncond = family.encode_prompts([""])
 
     def __len__(self) -> int:
@@ -217,14 +240,21 @@ class ImagePairs:
     def batch(self, indices: list[int], epoch: int) -> PairBatch:
         from smpo.data.pairs import decode_image
 
-        rows = self.labelled.rows(indices)
+        rows = self.labelled.rows(indices, images=not self.stored_latents, latents=self.stored_latents)
         pixels, sizes, crops, captions, drops, seeds, p_wins = [], [], [], [], [], [], []
         generators = []  # per image, for posterior samples (vae_sample)
+        stored = []  # per image, with stored_latents
         for row in rows:
             draws = pair_draws(self.seed, row["pair_id"], epoch, empty_prompt_rate=self.empty_prompt_rate,
                                random_flip=self.random_flip, flip_per_image=self.flip_per_image)
             winner, p_win = winner_of(row, self.labels)
             for side in (winner, 1 - winner):
+                if self.stored_latents:
+                    x0 = self._stored_latent(row, side)
+                    stored.append(x0.flip(-1) if draws.flip_of(side) else x0)
+                    sizes.append((self.resolution, self.resolution))
+                    crops.append((0, 0))
+                    continue
                 try:
                     image = decode_image(row[f"jpg_{side}"])
                 except Exception as err:  # noqa: BLE001 - name the pair, whatever the decoder raised
@@ -240,14 +270,31 @@ class ImagePairs:
             drops.append(draws.drop_prompt)
             seeds.append(draws.noise_seed)
             p_wins.append(p_win)
-        latents = self.family.encode_images(torch.stack(pixels).to(self.family.device), sample=self.vae_sample,
-                                            generators=generators if self.vae_sample else None)
+        if self.stored_latents:
+            latents = torch.stack(stored).to(self.family.device)
+        else:
+            latents = self.family.encode_images(torch.stack(pixels).to(self.family.device), sample=self.vae_sample,
+                                                generators=generators if self.vae_sample else None)
         if self.size_conditioning == "target":  # the authors' fixed (R, R, 0, 0, R, R) for every image
             cond = self.family.encode_prompts(captions)
             return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds)
         cond = self.family.encode_prompts(captions, original_sizes=sizes[0::2], crops_coords=crops[0::2])
         return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds,
                                sizes_l=sizes[1::2], crops_l=crops[1::2])
+
+
+    def _stored_latent(self, row: dict[str, Any], side: int) -> torch.Tensor:
+        """Image ``side``'s stored latent, checked against the training resolution and the model."""
+        from smpo.data.pair_images import latent_from_bytes
+
+        shape = tuple(row[f"latent_shape_{side}"])
+        wanted = (self.family.latent_channels, self.resolution // self.family.vae_scale_factor,
+                  self.resolution // self.family.vae_scale_factor)
+        if shape != wanted:
+            raise ValueError(f"{self.labelled.folder}: pair {row['pair_id']!r}: latent_{side} has shape {shape}, "
+                             f"but this model at {self.resolution} px takes {wanted}; train at the generators' "
+                             "size or without data.stored_latents")
+        return latent_from_bytes(row[f"latent_{side}"], shape)
 
 
 def make_pair_batch(family: Any, latents_w: torch.Tensor, latents_l: torch.Tensor, cond: Any, drops: list[bool],
@@ -356,6 +403,9 @@ def _pair_source(config: Any, family: Any) -> Any:
                   random_flip=config.data.random_flip, labels=labels, size_conditioning=config.data.size_conditioning,
                   flip_per_image=config.data.flip_per_image)
     if config.data.cache:
+        if config.data.stored_latents:
+            raise ValueError(f"data.stored_latents reads the latents of a --dataset made by `smpo pairs "
+                             f"--keep-latents`; the cache {config.data.cache} holds its own")
         if config.data.vae_sample:
             raise ValueError(f"data.vae_sample needs the images: the cache {config.data.cache} stores posterior "
                              "means; train from --dataset instead")
@@ -373,7 +423,7 @@ def _pair_source(config: Any, family: Any) -> Any:
                          "(a folder made by `smpo cache --store-inversion`)")
     labelled = LabelledPairs(config.data.dataset, max_pairs=config.data.max_pairs, drop_ties=labels == "binary")
     return ImagePairs(labelled, family, resolution=config.data.resolution or family.resolution,
-                      vae_sample=config.data.vae_sample, **common)
+                      vae_sample=config.data.vae_sample, stored_latents=config.data.stored_latents, **common)
 
 
 def check_cached_inversion(config: Any, cache: Any) -> None:

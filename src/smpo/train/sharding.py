@@ -143,7 +143,10 @@ class DataParallel:
         return self.accelerator.accumulate(policy)
 
     def clip_grad_norm(self, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+        """torch's clipping after accelerate's unscaling (fp16): the gradients are whole tensors here,
+        so accelerate's DTensor-aware grouping (a Python pass over every parameter) is not needed."""
+        self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
     def save_state(self, folder: Path) -> None:
         self.accelerator.save_state(str(folder), safe_serialization=True)
