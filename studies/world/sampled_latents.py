@@ -108,6 +108,36 @@ def round_trip(pairs: Path, out: Path) -> dict[str, float]:
     return result
 
 
+def latent_stats(pairs: Path, out: Path) -> dict[str, float]:
+    """The stored (sampled) latents against the VAE's encoding of their stored images: standard
+    deviation, mean and the mean squared difference between the two, per value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+
+    from smpo.data.pair_images import latent_from_bytes
+    from smpo.models import load_family, prepare_image
+    from smpo.world.model import base_path
+
+    path = out / "results" / "latent-stats.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    columns = ["jpg_0", "jpg_1", "latent_0", "latent_1", "latent_shape_0", "latent_shape_1"]
+    rows = pa.concat_tables(pq.read_table(p, columns=columns) for p in sorted(pairs.glob("train-*.parquet"))).to_pylist()
+    family = load_family(str(base_path()), device="cpu")
+    sampled = torch.stack([latent_from_bytes(r[f"latent_{k}"], r[f"latent_shape_{k}"]) for r in rows for k in (0, 1)])
+    pixels = torch.stack([prepare_image(Image.open(io.BytesIO(r[f"jpg_{k}"])).convert("RGB"), family.resolution).pixels
+                          for r in rows for k in (0, 1)])
+    with torch.no_grad():
+        encoded = torch.cat([family.encode_images(pixels[i : i + 128]) for i in range(0, len(pixels), 128)])
+    result = {"images": int(sampled.shape[0]), "sampled_std": float(sampled.std()), "encoded_std": float(encoded.std()),
+              "sampled_mean": float(sampled.mean()), "encoded_mean": float(encoded.mean()),
+              "mean_squared_difference": float((sampled - encoded).pow(2).mean())}
+    _write(path, result)
+    return result
+
+
 def run_job(method: str, variant: str, seed: int, pairs: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     from smpo.train.checkpoint import list_checkpoints
     from smpo.train.loop import train
@@ -172,7 +202,10 @@ def report(out: Path, pairs: Path, trip: dict[str, float], jobs: list[dict[str, 
              f"Command: `python studies/world/sampled_latents.py {' '.join(argv)}`", "",
              f"Pairs: {summary['pairs']} (best against worst of {summary['images'] // summary['pairs']} base samples "
              f"per prompt); world reward of the paired images {trip['stored_mean']:.4f} as stored, "
-             f"{trip['round_trip_mean']:.4f} after one VAE round trip (means over {trip['images']} images).", "",
+             f"{trip['round_trip_mean']:.4f} after one VAE round trip (means over {trip['images']} images); "
+             f"latents as sampled: std {trip['sampled_std']:.3f}, mean {trip['sampled_mean']:+.3f}; the VAE's encoding "
+             f"of their images: std {trip['encoded_std']:.3f}, mean {trip['encoded_mean']:+.3f}; mean squared "
+             f"difference {trip['mean_squared_difference']:.3f} per value.", "",
              "Held-out median reward lift over the base (same noise), mean over seeds "
              f"{', '.join(str(s) for s in sorted(bases))} (min / max in brackets):", "",
              "| method | trained on | " + " | ".join(f"step {s}" for s in steps) + " |",
@@ -197,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     pairs = make_pair_set(out, args)
     trip = round_trip(pairs, out)
+    trip.update(latent_stats(pairs, out))
     bases = {s: base_median(s, out, args) for s in seeds}
     jobs = [run_job(m, v, s, pairs, out, args) for s in seeds for m in args.methods.split(",") for v in VARIANTS]
     text = report(out, pairs, trip, jobs, bases, argv)

@@ -25,7 +25,7 @@ def test_the_probe_trains_both_variants_on_one_pair_set_and_reports(tmp_path):
     assert probe.main(argv) == 0
     results = out / "results"
     assert sorted(p.name for p in results.iterdir()) == [
-        "base-seed0.json", "dpo-images-seed0.json", "dpo-latents-seed0.json", "round-trip.json"]
+        "base-seed0.json", "dpo-images-seed0.json", "dpo-latents-seed0.json", "latent-stats.json", "round-trip.json"]
     images, latents = (json.loads((results / f"dpo-{v}-seed0.json").read_text()) for v in ("images", "latents"))
     assert set(images["median"]) == set(latents["median"]) == {"1", "2"}
     configs = [yaml.safe_load((out / "runs" / f"dpo-{v}-seed0" / "config.yaml").read_text())
