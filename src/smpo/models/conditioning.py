@@ -140,17 +140,20 @@ def prepare_image(image: Any, resolution: int, *, center_crop: bool = True, flip
     """
     from PIL import Image
 
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     original = (image.height, image.width)
     scale = resolution / min(original)
     new_h, new_w = max(resolution, round(original[0] * scale)), max(resolution, round(original[1] * scale))
-    image = image.resize((new_w, new_h), Image.BILINEAR)
+    if (new_w, new_h) != image.size:  # (PIL's resize to the same size is a copy)
+        image = image.resize((new_w, new_h), Image.BILINEAR)
     if center_crop:
         top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
     else:
         top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
         left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    if (new_w, new_h) != (resolution, resolution):
+        image = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
     pixels = pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
     if flip:
