@@ -21,6 +21,7 @@ scales differ, docs/scorers.md). Each part's own score is kept too (``score_0_<n
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ class GeneratorSpec:
     name: str
     """Recorded in model_0 / model_1 and in the image ids."""
     model: str
-    """Base model: a diffusers pipeline folder or hub id (SD1.5, SDXL, SD3 or FLUX family)."""
+    """Base model: a diffusers pipeline folder or hub id (SD1.5, SDXL, SD3 or FLUX family), or
+    ``python:MODULE:FACTORY[:ARG]`` (:func:`python_generator_factory`)."""
     unet: str | None = None
     """A trained network or LoRA (an `smpo train` run's final/ folder), as `smpo generate --unet`."""
     lora_scale: float = 1.0
@@ -60,6 +62,57 @@ class GeneratorSpec:
     """Sampler (default: the model's own), as `smpo generate --scheduler`."""
     negative_prompt: str | None = None
     """Negative prompt (default: none)."""
+
+
+PYTHON_PREFIX = "python:"
+"""``--model NAME=python:MODULE:FACTORY[:ARG]``: a generator that is not a diffusers pipeline."""
+
+
+def is_python_generator(model: str) -> bool:
+    return model.startswith(PYTHON_PREFIX)
+
+
+def python_generator_factory(model: str) -> tuple[Any, list[str]]:
+    """The factory of ``python:MODULE:FACTORY[:ARG]`` and its arguments (``[ARG]`` or none).
+
+    ``FACTORY(*args)`` makes an object called as a diffusers text-to-image pipeline is
+    (``prompt`` list, ``generator`` list of seeded CPU generators, ``num_inference_steps``,
+    ``guidance_scale``, ``height``, ``width``, ``output_type="pil"``; it may ignore what it does
+    not use) that returns an object with ``images``: a renderer, an API client, a pipeline of
+    another library. Raises :class:`ConfigError` naming what cannot be found.
+    """
+    parts = model[len(PYTHON_PREFIX):].split(":", 2)
+    if len(parts) < 2 or not all(parts[:2]):
+        raise ConfigError(f"--model {model!r}: expected python:MODULE:FACTORY[:ARG]")
+    try:
+        module = importlib.import_module(parts[0])
+    except ImportError as err:
+        raise ConfigError(f"--model {model!r}: cannot import {parts[0]} ({err})") from None
+    factory = getattr(module, parts[1], None)
+    if not callable(factory):
+        raise ConfigError(f"--model {model!r}: {parts[0]} has no callable {parts[1]}")
+    return factory, parts[2:]
+
+
+PYTHON_FAMILY = "python"
+"""The family recorded for a ``python:`` generator."""
+
+
+def generator_family(spec: GeneratorSpec, *, keep_latents: bool = False) -> str:
+    """The family of a generator's model (``python`` for a ``python:`` generator), after checking
+    that its sources exist; one line naming the generator otherwise."""
+    from smpo.io import check_model_source
+    from smpo.models.loading import detect_family
+
+    if is_python_generator(spec.model):
+        python_generator_factory(spec.model)
+        if spec.unet is not None or keep_latents:
+            raise ConfigError(f"--model {spec.name}: a Python generator takes no unet and keeps no latents")
+        return PYTHON_FAMILY
+    check_model_source(spec.model, f"--model {spec.name}")
+    if spec.unet is not None:
+        check_model_source(spec.unet, f"--generator-options {spec.name}:unet")
+    return detect_family(spec.model)
 
 
 def _default_name(model: str) -> str:

@@ -43,17 +43,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smpo.data.generators import (
+    PYTHON_FAMILY,
     GeneratorSpec,
     MixedScorer,
+    generator_family,
     parse_generators,
     parse_scorer,
     parse_scorer_paths,
+    python_generator_factory,
 )
 from smpo.data.generators import resolved as resolved_spec
 from smpo.data.pair_images import IMAGE_FORMATS, LATENT_SHAPE, sample_and_score, work_file, write_work_file
 from smpo.data.pairing import PAIRING_RULES, PairingRule, form_pairs, winner_first
 from smpo.io import (
-    check_model_source,
     prepare_job_output,
     read_json,
     write_json,
@@ -76,7 +78,7 @@ class PairsConfig:
     output: str
     """The new pair set folder (an unfinished run there with the same settings is resumed)."""
     model: list[str] | None = None
-    """A generator, NAME=PATH (repeat for each; PATH alone is named by its last part): a diffusers pipeline folder or hub id (SD1.5, SDXL, SD3, FLUX)."""
+    """A generator, NAME=PATH (repeat for each; PATH alone is named by its last part): a diffusers pipeline folder or hub id (SD1.5, SDXL, SD3, FLUX), or python:MODULE:FACTORY[:ARG] (an object called like a pipeline, e.g. python:smpo.world.pairset:RenderPipeline:render)."""
     generator_options: list[str] | None = None
     """Settings of one generator, NAME:key=value,... (repeat per generator). Keys: unet (an `smpo train` final/ folder, full network or LoRA), lora_scale, steps, guidance_scale (or guidance, cfg), height, width, scheduler, negative_prompt."""
     generators: str | None = None
@@ -149,7 +151,7 @@ _REPEATED = ("model", "generator_options", "scorer_path")  # repeatable options:
 
 def make_pairs(config: PairsConfig) -> dict[str, Any]:
     """Run `smpo pairs`; returns the summary (the same on every process of a launch)."""
-    from smpo.evaluation.pipelines import FAMILY_GUIDANCE_SCALE, detect_family
+    from smpo.evaluation.pipelines import FAMILY_GUIDANCE_SCALE
     from smpo.io import resolve_device, resolve_dtype
     from smpo.processes import process_state, wait_until
     from smpo.prompts import load_prompts
@@ -165,15 +167,11 @@ def make_pairs(config: PairsConfig) -> dict[str, Any]:
     if config.score_min is not None and config.score_max is not None and config.score_max <= config.score_min:
         raise ValueError(f"--score-max {config.score_max} must be above --score-min {config.score_min}")
     prompts = load_prompts(config.prompts, categories=config.categories, limit=config.limit)
-    for s in specs:
-        check_model_source(s.model, f"--model {s.name}")
-        if s.unet is not None:
-            check_model_source(s.unet, f"--generator-options {s.name}:unet")
-    families = [detect_family(s.model) for s in specs]
+    families = [generator_family(s, keep_latents=config.keep_latents) for s in specs]
     specs = [resolved_spec(s, steps=config.steps, guidance_scale=config.guidance_scale, height=config.height,
                            width=config.width) for s in specs]
-    specs = [dataclasses.replace(s, guidance_scale=FAMILY_GUIDANCE_SCALE[f]) if s.guidance_scale is None else s
-             for s, f in zip(specs, families)]
+    specs = [dataclasses.replace(s, guidance_scale=FAMILY_GUIDANCE_SCALE.get(f, 0.0)) if s.guidance_scale is None
+             else s for s, f in zip(specs, families)]
     state = process_state()
     device = resolve_device(config.device) if config.device else state.device
     dtype = resolve_dtype(config.dtype, device)
@@ -219,8 +217,12 @@ def _make_images(spec: GeneratorSpec, family: str, shards: list[int], work: Path
     from smpo.evaluation.pipelines import load_pipeline
     from smpo.models.loading import FAMILIES
 
-    pipe, _ = load_pipeline(spec.model, family=family, unet=spec.unet, lora_scale=spec.lora_scale,
-                            scheduler=spec.scheduler, dtype=dtype, device=device)
+    if family == PYTHON_FAMILY:
+        factory, args = python_generator_factory(spec.model)
+        pipe = factory(*args)
+    else:
+        pipe, _ = load_pipeline(spec.model, family=family, unet=spec.unet, lora_scale=spec.lora_scale,
+                                scheduler=spec.scheduler, dtype=dtype, device=device)
     latents_of = None
     if config.keep_latents:
         latents_of = functools.partial(_sampled_latents, FAMILIES[family], pipe)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -72,6 +73,23 @@ def defective_render(prompt: str, generator: str, rng: np.random.Generator) -> I
     if generator not in ("render", "render-wrong-colour", "render-wrong-position"):
         raise ValueError(f"unknown generator {generator!r}; choose from {', '.join(GENERATORS)}")
     return image
+
+
+class RenderPipeline:
+    """A generator of ``GENERATORS`` other than the base, called as a diffusers pipeline is, so that
+    ``smpo pairs --model render=python:smpo.world.pairset:RenderPipeline:render`` (or ``:render-blur``,
+    ...) samples it: image ``i`` is ``defective_render(prompt, kind, rng)`` with ``rng`` seeded by
+    the image's generator seed; sampling steps, guidance and size are ignored (32 px)."""
+
+    def __init__(self, kind: str = "render"):
+        if kind not in GENERATORS or kind == BASE:
+            raise ValueError(f"unknown renderer {kind!r}; choose from {', '.join(g for g in GENERATORS if g != BASE)}")
+        self.kind = kind
+
+    def __call__(self, prompt: list[str], generator: list[torch.Generator], **ignored: object) -> SimpleNamespace:
+        images = [defective_render(p, self.kind, np.random.default_rng(g.initial_seed()))
+                  for p, g in zip(prompt, generator)]
+        return SimpleNamespace(images=images)
 
 
 def draw_pairs(count: int, seed: int, weights: dict[str, float] | None = None
