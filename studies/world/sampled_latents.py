@@ -68,74 +68,53 @@ def make_pair_set(out: Path, args: argparse.Namespace) -> Path:
     return pairs
 
 
-def round_trip(pairs: Path, out: Path) -> dict[str, float]:
-    """The world reward of the paired images as stored and after one VAE encode-decode round trip."""
+def vae_measures(pairs: Path, out: Path) -> dict[str, float]:
+    """What the VAE does to the paired images, in one pass (``results/round-trip.json`` and
+    ``results/latent-stats.json``): the world reward of the images as stored and after one
+    encode-decode round trip; the stored (sampled) latents against the VAE's encoding of their
+    images (standard deviation, mean, mean squared difference per value)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from PIL import Image
-
-    from smpo.models import load_family
-    from smpo.world.model import base_path
-    from smpo.world.reward import load_world_scorer
-
-    path = out / "results" / "round-trip.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    table = pa.concat_tables(pq.read_table(p, columns=["caption", "jpg_0", "jpg_1", "winner"])
-                             for p in sorted(pairs.glob("train-*.parquet"))).to_pylist()
-    family = load_family(str(base_path()), device="cpu")
-    scorer = load_world_scorer()
-    vae = family.vae
-    stored, trip, captions = [], [], []
-    for lo in range(0, len(table), 64):
-        rows = table[lo : lo + 64]
-        images = [Image.open(io.BytesIO(r[f"jpg_{k}"])).convert("RGB") for r in rows for k in (0, 1)]
-        captions += [r["caption"] for r in rows for _ in (0, 1)]
-        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                              for im in images])
-        with torch.no_grad():
-            latents = family.encode_images(pixels)
-            decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        back = [Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-                for x in decoded]
-        stored.append(scorer(images, captions[-len(images):]).numpy())
-        trip.append(scorer(back, captions[-len(images):]).numpy())
-    s, t = np.concatenate(stored), np.concatenate(trip)
-    result = {"images": int(s.size), "stored_mean": float(s.mean()), "round_trip_mean": float(t.mean()),
-              "stored_median": float(np.median(s)), "round_trip_median": float(np.median(t))}
-    _write(path, result)
-    return result
-
-
-def latent_stats(pairs: Path, out: Path) -> dict[str, float]:
-    """The stored (sampled) latents against the VAE's encoding of their stored images: standard
-    deviation, mean and the mean squared difference between the two, per value."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
+    from diffusers.image_processor import VaeImageProcessor
     from PIL import Image
 
     from smpo.data.pair_images import latent_from_bytes
     from smpo.models import load_family, prepare_image
     from smpo.world.model import base_path
+    from smpo.world.reward import load_world_scorer
 
-    path = out / "results" / "latent-stats.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    columns = ["jpg_0", "jpg_1", "latent_0", "latent_1", "latent_shape_0", "latent_shape_1"]
-    rows = pa.concat_tables(pq.read_table(p, columns=columns) for p in sorted(pairs.glob("train-*.parquet"))).to_pylist()
-    family = load_family(str(base_path()), device="cpu")
-    sampled = torch.stack([latent_from_bytes(r[f"latent_{k}"], r[f"latent_shape_{k}"]) for r in rows for k in (0, 1)])
-    pixels = torch.stack([prepare_image(Image.open(io.BytesIO(r[f"jpg_{k}"])).convert("RGB"), family.resolution).pixels
-                          for r in rows for k in (0, 1)])
-    with torch.no_grad():
-        encoded = torch.cat([family.encode_images(pixels[i : i + 128]) for i in range(0, len(pixels), 128)])
-    result = {"images": int(sampled.shape[0]), "sampled_std": float(sampled.std()), "encoded_std": float(encoded.std()),
-              "sampled_mean": float(sampled.mean()), "encoded_mean": float(encoded.mean()),
-              "mean_squared_difference": float((sampled - encoded).pow(2).mean())}
-    _write(path, result)
-    return result
+    trip_path, stats_path = out / "results" / "round-trip.json", out / "results" / "latent-stats.json"
+    if trip_path.is_file() and stats_path.is_file():
+        return {**json.loads(trip_path.read_text()), **json.loads(stats_path.read_text())}
+    columns = ["caption", "jpg_0", "jpg_1", "latent_0", "latent_1", "latent_shape_0", "latent_shape_1"]
+    table = pa.concat_tables(pq.read_table(p, columns=columns) for p in sorted(pairs.glob("train-*.parquet"))).to_pylist()
+    family, scorer, processor = load_family(str(base_path()), device="cpu"), load_world_scorer(), VaeImageProcessor()
+    vae = family.vae
+    stored, trip, sampled, encoded = [], [], [], []
+    for lo in range(0, len(table), 64):
+        rows = table[lo : lo + 64]
+        images = [Image.open(io.BytesIO(r[f"jpg_{k}"])).convert("RGB") for r in rows for k in (0, 1)]
+        captions = [r["caption"] for r in rows for _ in (0, 1)]
+        pixels = torch.stack([prepare_image(image, family.resolution).pixels for image in images])
+        with torch.no_grad():
+            latents = family.encode_images(pixels)
+            back = processor.postprocess(vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0],
+                                         output_type="pil")
+        stored.append(scorer(images, captions).numpy())
+        trip.append(scorer(back, captions).numpy())
+        encoded.append(latents)
+        sampled += [latent_from_bytes(r[f"latent_{k}"], r[f"latent_shape_{k}"]) for r in rows for k in (0, 1)]
+    s, t = np.concatenate(stored), np.concatenate(trip)
+    x, e = torch.stack(sampled), torch.cat(encoded)
+    trip_result = {"images": int(s.size), "stored_mean": float(s.mean()), "round_trip_mean": float(t.mean()),
+                   "stored_median": float(np.median(s)), "round_trip_median": float(np.median(t))}
+    stats = {"images": int(x.shape[0]), "sampled_std": float(x.std()), "encoded_std": float(e.std()),
+             "sampled_mean": float(x.mean()), "encoded_mean": float(e.mean()),
+             "mean_squared_difference": float((x - e).pow(2).mean())}
+    _write(trip_path, trip_result)
+    _write(stats_path, stats)
+    return {**trip_result, **stats}
 
 
 def run_job(method: str, variant: str, seed: int, pairs: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -229,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     pairs = make_pair_set(out, args)
-    trip = round_trip(pairs, out)
-    trip.update(latent_stats(pairs, out))
+    trip = vae_measures(pairs, out)
     bases = {s: base_median(s, out, args) for s in seeds}
     jobs = [run_job(m, v, s, pairs, out, args) for s in seeds for m in args.methods.split(",") for v in VARIANTS]
     text = report(out, pairs, trip, jobs, bases, argv)

@@ -196,19 +196,19 @@ def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float,
     """
     pair_id = str(pair_id)
 
-    def uniform(stream: str) -> float:
-        """The first uniform draw of ``pair_generator(seed, pair_id, epoch, stream)``, from one
-        reseeded generator per thread (building a generator per draw cost more than the draw)."""
-        generator = _DRAWS.__dict__.get("generator")
+    def below(stream: str, threshold: float) -> bool:
+        """Whether the first uniform draw of ``pair_generator(seed, pair_id, epoch, stream)`` (a
+        float32 tensor, compared as one) is below ``threshold``; from one reseeded generator per
+        thread (building a generator per draw cost more than the draw)."""
+        generator = getattr(_DRAWS, "generator", None)
         if generator is None:
             generator = _DRAWS.generator = torch.Generator()
         generator.manual_seed(derive_seed(seed, pair_id, epoch, stream))
-        return float(torch.rand((), generator=generator))
+        return bool(torch.rand((), generator=generator) < threshold)
 
-    flip = random_flip and uniform("flip") < 0.5
-    image_flips = ((random_flip and uniform("flip-0") < 0.5, random_flip and uniform("flip-1") < 0.5)
-                   if flip_per_image else None)
-    drop = uniform("prompt") < empty_prompt_rate
+    flip = random_flip and below("flip", 0.5)
+    image_flips = (random_flip and below("flip-0", 0.5), random_flip and below("flip-1", 0.5)) if flip_per_image else None
+    drop = below("prompt", empty_prompt_rate)
     return PairDraws(flip=flip, drop_prompt=drop, noise_seed=derive_seed(seed, pair_id, epoch, "noise"),
                      image_flips=image_flips)
 
@@ -227,7 +227,7 @@ class ImagePairs:
             if vae_sample:
                 raise ValueError("data.stored_latents and data.vae_sample exclude each other: stored latents are "
                                  "not encoded")
-            labelled.rows([0], images=False, latents=True)  # a set without latents fails here, naming itself
+            labelled.rows([], images=False, latents=True)  # a set without latents fails here, naming itself
         self.uncond = family.encode_prompts([""])
 
     def __len__(self) -> int:
@@ -281,7 +281,6 @@ class ImagePairs:
         cond = self.family.encode_prompts(captions, original_sizes=sizes[0::2], crops_coords=crops[0::2])
         return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds,
                                sizes_l=sizes[1::2], crops_l=crops[1::2])
-
 
     def _stored_latent(self, row: dict[str, Any], side: int) -> torch.Tensor:
         """Image ``side``'s stored latent, checked against the training resolution and the model."""
