@@ -88,3 +88,23 @@ def test_prepare_training_builds_what_train_step_runs(tiny_pipelines, labelled, 
     record = train_step(setup, 0)
     assert record["step"] == 1 and math.isfinite(record["loss"]) and record["unet_evals"] == 2 * 2 * 2 * 2
     assert math.isfinite(record["grad_norm"]) and setup.scheduler.last_epoch == 1
+
+
+def test_the_optimizer_step_is_accelerates_outside_the_last_pass_and_the_plain_one_on_it():
+    from accelerate import Accelerator
+
+    from smpo.train.sharding import DataParallel
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    parallel = DataParallel(accelerator)
+    seen = []
+    for _ in range(2):
+        with accelerator.accumulate(model):
+            accelerator.backward(model(torch.ones(1, 2)).sum())
+            parallel.optimizer_step(optimizer)
+            seen.append(model.weight.detach().clone())
+    assert torch.equal(seen[0], torch.ones(1, 2))  # the first pass: accelerate's wrapper, which skips it
+    assert torch.allclose(seen[1], torch.full((1, 2), 1.0 - 0.5 * 2 * 0.5))  # two half losses' gradient 1, stepped once

@@ -182,7 +182,7 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
                                          f"its optimizer step. Last good checkpoint: {last or 'none yet'}")
             if config.optim.max_grad_norm is not None:
                 grad_norm = setup.parallel.clip_grad_norm(setup.parameters, config.optim.max_grad_norm)
-            optimizer.step()
+            setup.parallel.optimizer_step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started

@@ -148,6 +148,16 @@ class DataParallel:
         self.accelerator.unscale_gradients()
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
+    def optimizer_step(self, optimizer: Any) -> None:
+        """The prepared optimizer's step. Where accelerate's wrapper would only call the wrapped
+        optimizer's step (no fp16 scaler, no XLA, the accumulation's last pass), that is called
+        directly: the wrapper looks up an optional package twice per call (0.3 ms a step)."""
+        from accelerate.utils import DistributedType
+
+        plain = (getattr(optimizer, "scaler", True) is None and self.accelerator.sync_gradients
+                 and self.accelerator.distributed_type not in (DistributedType.XLA, DistributedType.DEEPSPEED))
+        (optimizer.optimizer if plain else optimizer).step()
+
     def save_state(self, folder: Path) -> None:
         self.accelerator.save_state(str(folder), safe_serialization=True)
 
@@ -176,6 +186,10 @@ class FullySharded:
         FSDP2 reduce-scatters every pass's gradient, so accumulated gradients stay sharded."""
         with self.accelerator.accumulate():
             yield
+
+    def optimizer_step(self, optimizer: Any) -> None:
+        """The optimizer over the shards, stepped."""
+        optimizer.step()
 
     def clip_grad_norm(self, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """The norm of the whole gradient (over every process's shards), clipped as one vector."""
