@@ -94,6 +94,7 @@ def test_study_quick_tunes_on_validation_reports_on_held_out_and_resumes(tmp_pat
     assert evals["smpo-t"] > evals["dpo"] > evals["sft"]
     text = (out / "report.md").read_text()
     assert RUNG_BY_KEY["smpo-t"].label in text and "win rate vs base" in text
+    assert "network evals spent (sampling incl.)" in text and f"| {RUNG_BY_KEY['dpo'].label} | 1 |" in text
     assert Image.open(out / "study.png").size[0] > 1000
     # Resume: a finished study runs nothing again; a lost result is the only run redone.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
@@ -205,6 +206,12 @@ def test_an_online_rung_trains_with_smpo_online_and_counts_its_sampling(tmp_path
                                   {"online-dpo-round": {"learning_rate": 1e-5}}) if r["setting"] == "tuned"]
     assert row["sampling_evals_per_step"] == result["sampling_network_evals"] / 2
     assert row["unet_evals_per_step"] == pytest.approx(sum(result["unet_evals"]) / 2 + row["sampling_evals_per_step"])
+    # At each round's end the compute column is exactly what was spent by then, sampling included.
+    from smpo.world.study.analysis import compute_markdown, compute_points
+
+    points = compute_points(row)
+    assert [(s, e) for s, e, _ in points] == [(r["steps"], pytest.approx(r["network_evals"])) for r in rounds]
+    assert f"| {row['label']} | 2 | {rounds[1]['network_evals']:,.0f} |" in compute_markdown([row])
 
 
 def test_a_job_another_process_is_running_waits_for_it_and_takes_its_result(tmp_path):

@@ -65,6 +65,16 @@ def extend_grids(cfg: StudyConfig, chosen: dict[str, dict[str, Any]], grids: dic
     return extended
 
 
+def evals_spent(run: dict[str, Any], step: int) -> float:
+    """The network sample-evaluations a run had spent by the end of training step ``step``: its
+    training's and, for an online run, the sampling of every round begun by then (a round samples
+    first, so at a round's end its sampling is in)."""
+    training = float(sum(run["unet_evals"][:step]))
+    rounds = run.get("online_rounds", [])
+    started = [r for k, r in enumerate(rounds) if k == 0 or rounds[k - 1]["steps"] < step]
+    return training + sum(r["sampling_network_evals"] for r in started)
+
+
 def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict[str, dict[str, Any]]
               ) -> list[dict[str, Any]]:
     """One row per (rung, setting): lift and win rate per seed, mean and 95% t-interval, the curve."""
@@ -72,7 +82,7 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
     for rung in cfg.rungs:
         settings = [("paper", cfg.paper_lr), ("tuned", chosen[rung]["learning_rate"])]
         for setting, lr in settings:
-            lifts, wins, curves, evals, sampling, seconds, seeds = [], [], [], [], [], [], []
+            lifts, wins, curves, evals, sampling, seconds, seeds, spent = [], [], [], [], [], [], [], []
             for seed in cfg.seeds:
                 run = results.get(Job(rung, lr, seed, "held_out").name)
                 base_run = results.get(Job("base", 0.0, seed, "held_out").name)
@@ -85,6 +95,7 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
                 lifts.append(lift)
                 wins.append(win)
                 curves.append({int(s): lift_and_win(v, base)[0] for s, v in run["scores"].items()})
+                spent.append({int(s): evals_spent(run, int(s)) for s in run["scores"]})
                 # Online rows: their sampling, spread over the steps it fed (exact at each round's end).
                 steps_run = len(run["unet_evals"])
                 evals.append(float(np.mean(run["unet_evals"])) + run.get("sampling_network_evals", 0) / steps_run)
@@ -98,6 +109,7 @@ def summarise(cfg: StudyConfig, results: dict[str, dict[str, Any]], chosen: dict
                 "seeds": seeds, "lift": lifts, "win_rate": wins,
                 "lift_mean_ci": t_interval(lifts), "win_rate_mean_ci": t_interval(wins),
                 "curve": {s: t_interval([c[s] for c in curves]) for s in steps},
+                "network_evals_at": {s: float(np.mean([e[s] for e in spent])) for s in steps},
                 "unet_evals_per_step": float(np.mean(evals)), "seconds_per_step": float(np.median(seconds)),
                 "sampling_evals_per_step": float(np.mean(sampling)),
             })
@@ -120,6 +132,26 @@ def table_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
                      f"{format_interval(r['lift_mean_ci'], 3, sign=True)} | "
                      f"{format_interval(r['win_rate_mean_ci'], 2)} | {r['unet_evals_per_step']:.0f} | "
                      f"{r['seconds_per_step']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compute_points(row: dict[str, Any]) -> list[tuple[int, float, tuple[float, float, float]]]:
+    """A row's curve as (training step, network sample-evaluations spent by then, mean over seeds
+    (:func:`evals_spent`), lift [95% CI])."""
+    spent = {int(s): e for s, e in row["network_evals_at"].items()}
+    return [(int(s), spent[int(s)], tuple(ci)) for s, ci in sorted(row["curve"].items(), key=lambda kv: int(kv[0]))]
+
+
+def compute_markdown(rows: list[dict[str, Any]]) -> str:
+    """The tuned rows evaluated at every checkpoint, their held-out lift against the network
+    evaluations spent (online rows: sampling included): the rows compared at equal compute."""
+    lines = ["| rung | step | network evals spent (sampling incl.) | held-out median lift over base |",
+             "|---|---|---|---|"]
+    for r in rows:
+        if r["setting"] != "tuned" or len(r["curve"]) < 2:
+            continue
+        for step, evals, ci in compute_points(r):
+            lines.append(f"| {r['label']} | {step} | {evals:,.0f} | {format_interval(ci, 3, sign=True)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +186,9 @@ def report_markdown(cfg: StudyConfig, data: dict[str, Any], table: str) -> str:
         f"{cfg.sample_steps} DDIM steps, CFG {cfg.guidance_scale:g}.",
         "",
         table,
+        "Held-out lift against the compute spent (tuned rows scored at every checkpoint):",
+        "",
+        compute_markdown(data["rows"]),
         "Validation lift per learning rate (mean over tuning seeds):",
         "",
         tuning_markdown(cfg, data["chosen"]),

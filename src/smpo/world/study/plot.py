@@ -39,11 +39,16 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
     for r in rows:
         if r["setting"] != "tuned" or len(r["curve"]) < 2:
             continue
-        steps = [0, *sorted(r["curve"])]
-        lifts = [0.0, *(r["curve"][s][0] for s in sorted(r["curve"]))]
+        curve = {int(s): ci for s, ci in r["curve"].items()}  # (steps are strings in a study.json read back)
+        spent = {int(s): e for s, e in r["network_evals_at"].items()}
+        steps = [0, *sorted(curve)]
+        lifts = [0.0, *(curve[s][0] for s in steps[1:])]
         axes[1].plot(steps, lifts, marker="o", label=r["label"])
-        axes[2].plot([s * r["unet_evals_per_step"] for s in steps], lifts, marker="o", label=r["label"])
-        axes[3].plot([s * r["seconds_per_step"] for s in steps], lifts, marker="o", label=r["label"])
+        # Compute on a log axis (online rows spend 20x an offline DPO run's), from the first checkpoint.
+        axes[2].plot([spent[s] for s in steps[1:]], lifts[1:], marker="o", label=r["label"])
+        axes[3].plot([s * r["seconds_per_step"] for s in steps[1:]], lifts[1:], marker="o", label=r["label"])
+    axes[2].set_xscale("log")
+    axes[3].set_xscale("log")
     axes[1].set_xlabel("training step")
     axes[2].set_xlabel(f"network sample-evaluations (training; online rows: + sampling; {cfg.batch_size} pairs a step)")
     axes[3].set_xlabel("seconds (one CPU thread, median step time; online rows: + sampling)")
