@@ -96,6 +96,19 @@ def test_study_quick_tunes_on_validation_reports_on_held_out_and_resumes(tmp_pat
     assert RUNG_BY_KEY["smpo-t"].label in text and "win rate vs base" in text
     assert "network evals spent (sampling incl.)" in text and f"| {RUNG_BY_KEY['dpo'].label} | 1 |" in text
     assert Image.open(out / "study.png").size[0] > 1000
+    # What ships: the summary the demo reads, and the README block rewritten between its markers.
+    from smpo.world.study.summary import README_BEGIN, README_END, write_summary
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nrest\n")
+    shipped = write_summary(out, tmp_path / "summary.json", readme, command="smpo study --quick", wall_seconds=7200,
+                            status="finished")
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(shipped))
+    assert shipped["chosen"] == data["chosen"] and shipped["rows"] == json.loads(json.dumps(data["rows"]))
+    block = readme.read_text()
+    assert block.startswith("intro\n") and block.endswith(f"{README_END}\nrest\n") and "old table" not in block
+    tuned = [r for r in data["rows"] if r["setting"] == "tuned"]
+    assert "2.0 h" in block and all(f"| {r['label']} ({r['learning_rate']:g}) | 2 |" in block for r in tuned)
     # Resume: a finished study runs nothing again; a lost result is the only run redone.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
     lost = out / "results" / f"{Job('sft', QUICK.paper_lr, 1, 'held_out').name}.json"
