@@ -108,7 +108,8 @@ def test_study_quick_tunes_on_validation_reports_on_held_out_and_resumes(tmp_pat
     block = readme.read_text()
     assert block.startswith("intro\n") and block.endswith(f"{README_END}\nrest\n") and "old table" not in block
     tuned = [r for r in data["rows"] if r["setting"] == "tuned"]
-    assert "2.0 h" in block and all(f"| {r['label']} ({r['learning_rate']:g}) | 2 |" in block for r in tuned)
+    assert "2.0 h" in block and f"{QUICK.max_prompts} held-out prompts x {QUICK.images_per_prompt} images" in block
+    assert all(f"| {r['label']} ({r['learning_rate']:g}) | 2 |" in block for r in tuned)
     # Resume: a finished study runs nothing again; a lost result is the only run redone.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json")}
     lost = out / "results" / f"{Job('sft', QUICK.paper_lr, 1, 'held_out').name}.json"

@@ -135,9 +135,14 @@ def table_markdown(rows: list[dict[str, Any]], cfg: StudyConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tuned rows evaluated at more than one checkpoint (``StudyConfig.curve_rungs``)."""
+    return [r for r in rows if r["setting"] == "tuned" and len(r["curve"]) >= 2]
+
+
 def compute_points(row: dict[str, Any]) -> list[tuple[int, float, tuple[float, float, float]]]:
     """A row's curve as (training step, network sample-evaluations spent by then, mean over seeds
-    (:func:`evals_spent`), lift [95% CI])."""
+    (:func:`evals_spent`), lift [95% CI]), by step (steps are strings in a ``study.json`` read back)."""
     spent = {int(s): e for s, e in row["network_evals_at"].items()}
     return [(int(s), spent[int(s)], tuple(ci)) for s, ci in sorted(row["curve"].items(), key=lambda kv: int(kv[0]))]
 
@@ -147,9 +152,7 @@ def compute_markdown(rows: list[dict[str, Any]]) -> str:
     evaluations spent (online rows: sampling included): the rows compared at equal compute."""
     lines = ["| rung | step | network evals spent (sampling incl.) | held-out median lift over base |",
              "|---|---|---|---|"]
-    for r in rows:
-        if r["setting"] != "tuned" or len(r["curve"]) < 2:
-            continue
+    for r in curve_rows(rows):
         for step, evals, ci in compute_points(r):
             lines.append(f"| {r['label']} | {step} | {evals:,.0f} | {format_interval(ci, 3, sign=True)} |")
     return "\n".join(lines) + "\n"

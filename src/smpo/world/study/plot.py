@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from smpo.io import atomic_path
+from smpo.world.study.analysis import compute_points, curve_rows
 from smpo.world.study.rungs import StudyConfig
 
 
@@ -36,17 +37,13 @@ def plot_study(path: Path, rows: list[dict[str, Any]], cfg: StudyConfig) -> None
     axes[0].axvline(0, color="black", linewidth=0.8)
     axes[0].set_xlabel("held-out median reward lift over the base (95% CI over seeds)")
     axes[0].legend()
-    for r in rows:
-        if r["setting"] != "tuned" or len(r["curve"]) < 2:
-            continue
-        curve = {int(s): ci for s, ci in r["curve"].items()}  # (steps are strings in a study.json read back)
-        spent = {int(s): e for s, e in r["network_evals_at"].items()}
-        steps = [0, *sorted(curve)]
-        lifts = [0.0, *(curve[s][0] for s in steps[1:])]
-        axes[1].plot(steps, lifts, marker="o", label=r["label"])
+    for r in curve_rows(rows):
+        steps, spent, cis = zip(*compute_points(r))
+        lifts = [ci[0] for ci in cis]
+        axes[1].plot([0, *steps], [0.0, *lifts], marker="o", label=r["label"])
         # Compute on a log axis (online rows spend 20x an offline DPO run's), from the first checkpoint.
-        axes[2].plot([spent[s] for s in steps[1:]], lifts[1:], marker="o", label=r["label"])
-        axes[3].plot([s * r["seconds_per_step"] for s in steps[1:]], lifts[1:], marker="o", label=r["label"])
+        axes[2].plot(spent, lifts, marker="o", label=r["label"])
+        axes[3].plot([s * r["seconds_per_step"] for s in steps], lifts, marker="o", label=r["label"])
     axes[2].set_xscale("log")
     axes[3].set_xscale("log")
     axes[1].set_xlabel("training step")

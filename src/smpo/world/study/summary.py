@@ -12,6 +12,7 @@ from typing import Any
 
 from smpo.evaluation.stats import format_interval
 from smpo.io import atomic_path, read_json, write_json
+from smpo.world.study.rungs import StudyConfig, split_prompts
 
 README_BEGIN, README_END = "<!-- study-summary:begin -->", "<!-- study-summary:end -->"
 
@@ -25,10 +26,12 @@ def summary_of(data: dict[str, Any], *, command: str, wall_seconds: float, statu
 
 def readme_block(summary: dict[str, Any]) -> str:
     """The README's table: every rung at its tuned rate, with its cost per step."""
+    config = summary["config"]
+    prompts = len(split_prompts(StudyConfig(max_prompts=config["max_prompts"]), "held_out"))
     head = (f"What it measured ({summary['status']}; `{summary['command']}`, {summary['wall_seconds'] / 3600:.1f} h "
-            "of wall time on 2 CPU cores in all; mean over seeds "
-            "[95% t-interval], 93 held-out prompts x 2 images; the paper-rate rows, the validation tuning, the "
-            "rows against compute and the plot are in `docs/world.md`):")
+            f"of wall time on 2 CPU cores in all; mean over seeds [95% t-interval], {prompts} held-out prompts x "
+            f"{config['images_per_prompt']} images; the paper-rate rows, the validation tuning, the rows against "
+            "compute and the plot are in `docs/world.md`):")
     lines = [head, "",
              "| method (tuned learning rate) | seeds | held-out median lift over base | win rate vs base | "
              "network evals / step (sampling incl.) |",
