@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from smpo.train.data import LabelledPairs, Layout, epoch_order, pair_draws, winner_of
+from smpo.train.data import LabelledPairs, Layout, epoch_order, pair_draws, pair_generator, winner_of
 
 
 def _step_pairs(layout: Layout, seed: int, step: int) -> list[list[int]]:
@@ -50,6 +51,21 @@ def test_pair_draws_depend_on_seed_pair_and_epoch_only():
     assert 0.14 < dropped < 0.26 and 0.42 < flipped < 0.58  # rates 0.2 and 0.5, +-3 standard errors
     assert not any(pair_draws(0, f"p{i}", 0, empty_prompt_rate=0.2, random_flip=False).flip for i in range(50))
     assert not any(pair_draws(0, f"p{i}", 0, empty_prompt_rate=0.0, random_flip=True).drop_prompt for i in range(50))
+
+
+def test_pair_draws_are_the_first_draw_of_each_streams_generator():
+    """Each choice is the first float32 uniform of ``pair_generator(seed, pair, epoch, stream)``
+    compared, as float32 tensors, with its rate."""
+    for rate in (0.2, 0.1, 0.37):
+        for i in range(300):
+            d = pair_draws(3, f"q{i}", 2, empty_prompt_rate=rate, random_flip=True, flip_per_image=True)
+
+            def first(stream: str, pair: str = f"q{i}") -> torch.Tensor:
+                return torch.rand((), generator=pair_generator(3, pair, 2, stream))
+
+            assert d.drop_prompt == bool(first("prompt") < torch.tensor(rate, dtype=torch.float32))
+            assert d.flip == bool(first("flip") < 0.5)
+            assert d.image_flips == (bool(first("flip-0") < 0.5), bool(first("flip-1") < 0.5))
 
 
 def test_winner_and_probability():
