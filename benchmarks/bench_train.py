@@ -380,7 +380,8 @@ class CallTimer:
 def bare_encode(fam: FamilyAdapter, pixels: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE (posterior mean) and text-encoder calls a step from images makes, plainly."""
     vae, encoder, tokenizer = fam.vae, fam.text_encoders[0], fam.tokenizers[0]
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+    weight = next(vae.parameters())  # (diffusers' `vae.device` and `vae.dtype` walk every submodule per call)
+    latents = vae.encode(pixels.to(weight.device, weight.dtype)).latent_dist.mean * vae.config.scaling_factor
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return latents.float(), encoder(ids.to(encoder.device))[0].float()

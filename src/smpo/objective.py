@@ -141,8 +141,9 @@ def draw_t_and_noise(seeds: Sequence[int], shape: Sequence[int], num_timesteps: 
     ``k`` is the ascending level ``T - 1 - k`` that ``t`` indexes here.
     """
     ts, noises = [], []
+    g = torch.Generator()  # reseeded per sample (building a generator per sample cost more than its draws)
     for seed in seeds:
-        g = torch.Generator().manual_seed(int(seed))
+        g.manual_seed(int(seed))
         if sampling == "uniform":
             ts.append(torch.randint(0, num_timesteps, (1,), generator=g))
         else:

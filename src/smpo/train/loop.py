@@ -154,7 +154,7 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
     passes = layout.accumulation
     epoch = layout.epoch_of(step)
     names: list[str] = []
-    sums: torch.Tensor | float = 0.0  # the loss and the metrics, stacked: one reduce and one sync a step
+    sums: torch.Tensor | None = None  # the loss and the metrics, stacked: one reduce and one sync a step
     grad_norm = None
     lr = scheduler.get_last_lr()[0]
     if not policy.training:  # (a walk over every module: skipped when nothing switched it off)
@@ -171,10 +171,12 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
             values = {"loss": out.loss, **out.metrics}
             names = list(values)
             stacked = torch.stack([torch.as_tensor(v, device=accelerator.device).detach().float() for v in values.values()])
-            sums = sums + stacked / passes
+            sums = stacked / passes if sums is None else sums + stacked / passes
             if micro < passes - 1:
                 continue
-            means = dict(zip(names, accelerator.reduce(sums, reduction="mean").tolist()))
+            if accelerator.num_processes > 1:
+                sums = accelerator.reduce(sums, reduction="mean")
+            means = dict(zip(names, sums.tolist()))
             if not math.isfinite(means["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 last = latest_checkpoint(Path(config.run.output_dir))
