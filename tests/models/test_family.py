@@ -6,7 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-from smpo.models import Conditioning, SD15Adapter, SDXLAdapter, load_family, prepare_image
+from smpo.models import (
+    Conditioning,
+    SD15Adapter,
+    SDXLAdapter,
+    crop_image,
+    image_pixels,
+    load_family,
+    prepare_image,
+)
 from smpo.models.presets import save_pipeline
 
 
@@ -114,6 +122,21 @@ def test_prepare_image_resize_crop_and_range():
     assert prepared.crop_top_left == (0, 4)  # resized to 16 x 24: (24 - 16) / 2 = 4
     assert prepared.pixels.shape == (3, 16, 16)
     assert prepared.pixels[0].unique().tolist() == [1.0] and prepared.pixels[1].unique().tolist() == [-1.0]
+
+
+def test_image_pixels_of_a_batch_are_each_images_pixels_mirrored_where_asked():
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (20 + k, 17, 3), generator=g, dtype=torch.uint8).numpy())
+              for k in range(3)]
+    flips = [True, False, True]
+    squares = [crop_image(im, 16)[0] for im in images]
+    pixels = image_pixels(squares, flips)
+    assert pixels.shape == (3, 3, 16, 16) and pixels.is_contiguous()
+    for k, image in enumerate(images):
+        expected = torch.tensor(list(crop_image(image, 16)[0].getdata()), dtype=torch.float32).view(16, 16, 3)
+        expected = expected.permute(2, 0, 1) / 127.5 - 1.0
+        assert torch.equal(pixels[k], expected.flip(-1) if flips[k] else expected)
+        assert torch.equal(prepare_image(image, 16, flip=flips[k]).pixels, pixels[k])
 
 
 def test_conditioning_cat_index_and_drop_text():

@@ -50,7 +50,7 @@ def decode_image(data: bytes) -> Image.Image:
     """Fully decode encoded image bytes into an RGB image (raises on corrupt or truncated data)."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _label_problem(label: Any) -> str | None:

@@ -34,7 +34,7 @@ import torch
 from smpo.batch import PairBatch, derive_seed
 from smpo.labels import is_tie, winner_of
 from smpo.methods import BatchKind, get_method
-from smpo.models import Conditioning, prepare_image
+from smpo.models import Conditioning, crop_image, image_pixels
 from smpo.train.unpaired import KTOImages
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ class ImagePairs:
         from smpo.data.pairs import decode_image
 
         rows = self.labelled.rows(indices, images=not self.stored_latents, latents=self.stored_latents)
-        pixels, sizes, crops, captions, drops, seeds, p_wins = [], [], [], [], [], [], []
+        squares, flips, sizes, crops, captions, drops, seeds, p_wins = [], [], [], [], [], [], [], []
         generators = []  # per image, for posterior samples (vae_sample)
         stored = []  # per image, with stored_latents
         for row in rows:
@@ -268,12 +268,13 @@ class ImagePairs:
                 except Exception as err:  # noqa: BLE001 - name the pair, whatever the decoder raised
                     raise ValueError(f"{self.labelled.folder}: pair {row['pair_id']!r}: jpg_{side} cannot be "
                                      f"decoded ({err})") from err
-                prepared = prepare_image(image, self.resolution, flip=draws.flip_of(side))
+                square, original, crop = crop_image(image, self.resolution)
                 if self.vae_sample:
                     generators.append(pair_generator(self.seed, row["pair_id"], epoch, f"posterior-{side}"))
-                pixels.append(prepared.pixels)
-                sizes.append(prepared.original_size)
-                crops.append(prepared.crop_top_left)
+                squares.append(square)
+                flips.append(draws.flip_of(side))
+                sizes.append(original)
+                crops.append(crop)
             captions.append(row["caption"] or "")
             drops.append(draws.drop_prompt)
             seeds.append(draws.noise_seed)
@@ -281,7 +282,7 @@ class ImagePairs:
         if self.stored_latents:
             latents = torch.stack(stored).to(self.family.device)
         else:
-            latents = self.family.encode_images(torch.stack(pixels).to(self.family.device), sample=self.vae_sample,
+            latents = self.family.encode_images(image_pixels(squares, flips).to(self.family.device), sample=self.vae_sample,
                                                 generators=generators if self.vae_sample else None)
         if self.size_conditioning == "target":  # the authors' fixed (R, R, 0, 0, R, R) for every image
             cond = self.family.encode_prompts(captions)
