@@ -187,12 +187,6 @@ class PairDraws:
 _DRAWS = threading.local()
 
 
-@functools.lru_cache(maxsize=16)
-def _float32(value: float) -> float:
-    """``value`` rounded to float32, as a tensor comparison with a float32 draw rounds it."""
-    return float(torch.tensor(value, dtype=torch.float32))
-
-
 def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float, random_flip: bool,
                flip_per_image: bool = False) -> PairDraws:
     """The draws of pair ``pair_id`` (compared as a string, as the cache stores it) in ``epoch``.
@@ -210,9 +204,9 @@ def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float,
         if generator is None:
             generator = _DRAWS.generator = torch.Generator()
         generator.manual_seed(derive_seed(seed, pair_id, epoch, stream))
-        # The float32 draw against the float32 threshold, compared exactly as Python floats
-        # (a tensor comparison costs twice the draw).
-        return torch.rand((), generator=generator).item() < _float32(threshold)
+        # The float32 draw against the threshold rounded to float32 (as a tensor comparison rounds
+        # it), compared exactly as Python floats: a tensor comparison costs twice the draw.
+        return torch.rand((), generator=generator).item() < float(np.float32(threshold))
 
     flip = random_flip and below("flip", 0.5)
     image_flips = (random_flip and below("flip-0", 0.5), random_flip and below("flip-1", 0.5)) if flip_per_image else None
