@@ -84,7 +84,9 @@ def test_prepare_training_builds_what_train_step_runs(tiny_pipelines, labelled, 
     torch.manual_seed(config.run.seed)
     setup = prepare_training(config, accelerator, load_model(config, accelerator.device))
     assert setup.layout.global_batch == 4 and setup.reference is not None
-    assert setup.parameters == list(setup.policy.parameters())
+    trainable = [p for p in setup.policy.parameters() if p.requires_grad]  # the LoRA layers' only
+    assert len(trainable) < len(list(setup.policy.parameters()))
+    assert len(setup.parameters) == len(trainable) and all(a is b for a, b in zip(setup.parameters, trainable))
     record = train_step(setup, 0)
     assert record["step"] == 1 and math.isfinite(record["loss"]) and record["unet_evals"] == 2 * 2 * 2 * 2
     assert math.isfinite(record["grad_norm"]) and setup.scheduler.last_epoch == 1

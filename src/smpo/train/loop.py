@@ -170,7 +170,7 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
             accelerator.backward(out.loss)
             values = {"loss": out.loss, **out.metrics}
             names = list(values)
-            stacked = torch.stack([torch.as_tensor(v, device=accelerator.device).detach().float() for v in values.values()])
+            stacked = torch.stack([v.detach() for v in values.values()]).to(accelerator.device, torch.float32)
             sums = stacked / passes if sums is None else sums + stacked / passes
             if micro < passes - 1:
                 continue

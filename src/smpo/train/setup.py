@@ -52,7 +52,8 @@ class TrainingSetup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     """The learning-rate schedule (not prepared: accelerate would step it once per process)."""
     parameters: list[torch.nn.Parameter]
-    """The prepared policy's parameters, listed once (gradient clipping reads them every step)."""
+    """The policy's trainable parameters (the optimizer's), listed once: gradient clipping reads them
+    every step (with LoRA, 64 of the tiny UNet's 272; iterating the frozen ones cost 0.2 ms a step)."""
     parallel: DataParallel | FullySharded
     """How the processes share the work: accumulation, clipping, checkpoint state, export
     (``smpo.train.sharding``)."""
@@ -100,7 +101,7 @@ def prepare_training(config: TrainConfig, accelerator: Any, family: Any) -> Trai
         parallel = DataParallel(accelerator)
     return TrainingSetup(config=config, accelerator=accelerator, family=family, policy=policy, reference=reference,
                          pairs=pairs, layout=layout, optimizer=optimizer, scheduler=scheduler,
-                         parameters=list(policy.parameters()), parallel=parallel)
+                         parameters=params, parallel=parallel)
 
 
 def _say_what_is_held(accelerator: Any, policy: Any, reference: Any) -> None:
