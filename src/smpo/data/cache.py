@@ -59,7 +59,7 @@ from smpo.io import (
     save_safetensors,
     write_json,
 )
-from smpo.models import FAMILY_NAMES, Conditioning, FamilyAdapter, prepare_image
+from smpo.models import FAMILY_NAMES, Conditioning, FamilyAdapter, crop_image, image_pixels
 from smpo.options import add_dataclass_arguments, dataclass_from_args
 
 WORK_DIR = ".work"  # each process's end-of-pass note while a launch runs
@@ -95,10 +95,9 @@ def _disk_estimate(rows: int, family: FamilyAdapter, inversion: InversionSpec | 
 
 
 def _encode_images(family: FamilyAdapter, images: list[Any], batch_size: int) -> tuple[Tensor, list, list]:
-    prepared = [prepare_image(im, family.resolution) for im in images]
-    latents = [family.encode_images(torch.stack([p.pixels for p in prepared[i:i + batch_size]]))
-               for i in range(0, len(prepared), batch_size)]
-    return (torch.cat(latents).cpu(), [p.original_size for p in prepared], [p.crop_top_left for p in prepared])
+    squares, sizes, crops = zip(*(crop_image(im, family.resolution) for im in images))
+    latents = [family.encode_images(image_pixels(squares[i:i + batch_size])) for i in range(0, len(squares), batch_size)]
+    return torch.cat(latents).cpu(), list(sizes), list(crops)
 
 
 def _encode_captions(family: FamilyAdapter, captions: list[str], batch_size: int) -> Conditioning:

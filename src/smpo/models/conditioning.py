@@ -165,8 +165,9 @@ def crop_image(image: Any, resolution: int, *, center_crop: bool = True,
     return image, original, (top, left)
 
 
-def image_pixels(squares: Sequence[Any], flips: Sequence[bool]) -> Tensor:
-    """``[B, 3, R, R]`` in [-1, 1] of same-size RGB PIL images, each mirrored where ``flips``: one
+def image_pixels(squares: Sequence[Any], flips: Sequence[bool] = ()) -> Tensor:
+    """``[B, 3, R, R]`` in [-1, 1] of same-size RGB PIL images, each mirrored where ``flips`` (none
+    when empty): one
     buffer and one conversion for the batch (per image, the conversion's small kernels cost as much
     as the decoding at 16 px)."""
     height, width = squares[0].height, squares[0].width
