@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from smpo.batch import PairBatch, derive_seed
 from smpo.labels import is_tie, winner_of
 from smpo.methods import BatchKind, get_method
 from smpo.models import Conditioning, crop_image, image_pixels
+from smpo.train.labelled import LabelledPairs
 from smpo.train.unpaired import KTOImages
 
 # ---------------------------------------------------------------------------------------------
@@ -87,86 +88,6 @@ class Layout:
 
 
 # ---------------------------------------------------------------------------------------------
-# Labelled dataset (parquet shards)
-
-REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1")
-BULK_COLUMNS = ("jpg_0", "jpg_1", "latent_0", "latent_1")  # read per row group, only when a batch needs them
-
-
-class LabelledPairs:
-    """Random access to a labelled dataset's rows; image columns are read only when asked for.
-
-    ``drop_ties``: leave out pairs whose human label ``label_0`` is 0.5 (binary labels use the
-    human label; ALGORITHM.md section 4).
-    """
-
-    def __init__(self, folder: str | Path, *, max_pairs: int | None = None, drop_ties: bool = False):
-        import pyarrow.dataset as ds
-
-        self.folder = Path(folder)
-        files = sorted(self.folder.rglob("*.parquet")) if self.folder.is_dir() else [self.folder]
-        if not files or not files[0].exists():
-            raise FileNotFoundError(f"no parquet shards found in {self.folder} (expected the output of `smpo label`)")
-        self._dataset = ds.dataset([str(f) for f in files], format="parquet")
-        self._files = [str(f) for f in files]
-        # Where each row of the files is: (file, row group) of every group, and the groups' first rows.
-        # Dataset.take would scan the files up to the rows it is asked for; a row group is read instead.
-        self._groups: list[tuple[int, int]] = []
-        starts = [0]
-        for i, fragment in enumerate(self._dataset.get_fragments()):
-            for g, group in enumerate(fragment.metadata.to_dict()["row_groups"]):
-                self._groups.append((i, g))
-                starts.append(starts[-1] + group["num_rows"])
-        self._group_starts = np.asarray(starts)
-        self._handles: dict[int, Any] = {}
-        self._last_group: tuple[Any, Any] | None = None  # the last group read (neighbouring rows share it)
-        names = self._dataset.schema.names
-        missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if missing:
-            raise ValueError(f"{self.folder}: missing column(s) {', '.join(missing)}; "
-                             f"expected {', '.join(REQUIRED_COLUMNS)} (+ pair_id, winner, p_win, label_0); "
-                             f"found {', '.join(names)}")
-        meta = self._dataset.to_table(columns=[c for c in names if c not in BULK_COLUMNS]).to_pydict()
-        total = len(meta["caption"])
-        meta["pair_id"] = [str(p) for p in meta.get("pair_id", range(total))]
-        keep = range(total if max_pairs is None else min(max_pairs, total))
-        if drop_ties and "label_0" in meta:
-            keep = [i for i in keep if not is_tie(meta["label_0"][i])]
-        self.rows_in_files = list(keep)  # dataset position -> row in the parquet files
-        self.meta = {k: [v[i] for i in self.rows_in_files] for k, v in meta.items()}
-        self.columns = names
-
-    def __len__(self) -> int:
-        return len(self.rows_in_files)
-
-    def rows(self, indices: list[int], *, images: bool = True, latents: bool = False) -> list[dict[str, Any]]:
-        """The rows at ``indices`` as dicts (with ``jpg_0``/``jpg_1`` bytes when ``images``, or
-        ``latent_0``/``latent_1`` bytes when ``latents``: `smpo pairs --keep-latents`)."""
-        out = [{k: v[i] for k, v in self.meta.items()} for i in indices]
-        if latents and "latent_0" not in self.columns:
-            raise ValueError(f"{self.folder}: data.stored_latents needs the latent_0/latent_1 columns of a set "
-                             "made by `smpo pairs --keep-latents`; this set has none")
-        columns = ("latent_0", "latent_1") if latents else ("jpg_0", "jpg_1")
-        if images or latents:
-            for row, i in zip(out, indices):
-                row.update(zip(columns, self._bulk(self.rows_in_files[i], columns)))
-        return out
-
-    def _bulk(self, file_row: int, columns: tuple[str, str]) -> tuple[bytes, bytes]:
-        """Two bulk columns (images or latents) of one row of the files, read with its row group."""
-        import pyarrow.parquet as pq
-
-        group = int(np.searchsorted(self._group_starts, file_row, side="right")) - 1
-        if self._last_group is None or self._last_group[0] != (group, columns):
-            f, g = self._groups[group]
-            if f not in self._handles:
-                self._handles[f] = pq.ParquetFile(self._files[f])
-            self._last_group = ((group, columns), self._handles[f].read_row_group(g, columns=list(columns)))
-        table, at = self._last_group[1], file_row - int(self._group_starts[group])
-        return table.column(columns[0])[at].as_py(), table.column(columns[1])[at].as_py()
-
-
-# ---------------------------------------------------------------------------------------------
 # Per-pair draws and batches
 
 
@@ -215,6 +136,23 @@ def pair_draws(seed: int, pair_id: Any, epoch: int, *, empty_prompt_rate: float,
                      image_flips=image_flips)
 
 
+@dataclass
+class PreparedImages:
+    """A micro-batch of a labelled dataset before the encoders (`ImagePairs.prepare`): per image,
+    winner then loser of each pair, its pixels (or stored latents) and micro-conditioning."""
+
+    epoch: int
+    pixels: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    """``[2B, 3, R, R]`` in [-1, 1], flipped where drawn; with data.stored_latents the ``[2B, C, h, w]`` latents."""
+    images: list[tuple[str, int]] = field(default_factory=list)  # (pair_id, side) of each image
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    crops: list[tuple[int, int]] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)  # per pair, from here on
+    drops: list[bool] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    p_wins: list[float] = field(default_factory=list)
+
+
 class ImagePairs:
     """Batches from a labelled dataset: decode, resize, centre-crop, flip, then VAE and text encoders."""
 
@@ -240,22 +178,27 @@ class ImagePairs:
         return self.labelled.rows(list(range(len(self.labelled))), images=False)
 
     def batch(self, indices: list[int], epoch: int) -> PairBatch:
+        return self.encode(self.prepare(indices, epoch))
+
+    def prepare(self, indices: list[int], epoch: int) -> PreparedImages:
+        """The micro-batch's CPU work: read, decode, crop, flip, convert (or read stored latents).
+        It touches no network, so `smpo.train.prefetch` runs it ahead in worker processes."""
         from smpo.data.pairs import decode_image
 
         rows = self.labelled.rows(indices, images=not self.stored_latents, latents=self.stored_latents)
-        squares, flips, sizes, crops, captions, drops, seeds, p_wins = [], [], [], [], [], [], [], []
-        generators = []  # per image, for posterior samples (vae_sample)
-        stored = []  # per image, with stored_latents
+        out = PreparedImages(epoch=epoch)
+        squares, flips, stored = [], [], []
         for row in rows:
             draws = pair_draws(self.seed, row["pair_id"], epoch, empty_prompt_rate=self.empty_prompt_rate,
                                random_flip=self.random_flip, flip_per_image=self.flip_per_image)
             winner, p_win = winner_of(row, self.labels)
             for side in (winner, 1 - winner):
+                out.images.append((row["pair_id"], side))
                 if self.stored_latents:
                     x0 = self._stored_latent(row, side)
                     stored.append(x0.flip(-1) if draws.flip_of(side) else x0)
-                    sizes.append((self.resolution, self.resolution))
-                    crops.append((0, 0))
+                    out.sizes.append((self.resolution, self.resolution))
+                    out.crops.append((0, 0))
                     continue
                 try:
                     image = decode_image(row[f"jpg_{side}"])
@@ -263,27 +206,33 @@ class ImagePairs:
                     raise ValueError(f"{self.labelled.folder}: pair {row['pair_id']!r}: jpg_{side} cannot be "
                                      f"decoded ({err})") from err
                 square, original, crop = crop_image(image, self.resolution)
-                if self.vae_sample:
-                    generators.append(pair_generator(self.seed, row["pair_id"], epoch, f"posterior-{side}"))
                 squares.append(square)
                 flips.append(draws.flip_of(side))
-                sizes.append(original)
-                crops.append(crop)
-            captions.append(row["caption"] or "")
-            drops.append(draws.drop_prompt)
-            seeds.append(draws.noise_seed)
-            p_wins.append(p_win)
+                out.sizes.append(original)
+                out.crops.append(crop)
+            out.captions.append(row["caption"] or "")
+            out.drops.append(draws.drop_prompt)
+            out.seeds.append(draws.noise_seed)
+            out.p_wins.append(p_win)
+        out.pixels = torch.stack(stored) if self.stored_latents else image_pixels(squares, flips)
+        return out
+
+    def encode(self, prepared: PreparedImages) -> PairBatch:
+        """The `PairBatch` of a prepared micro-batch: the VAE (unless its latents were stored) and
+        the text encoders on the model's device."""
+        p, family = prepared, self.family
         if self.stored_latents:
-            latents = torch.stack(stored).to(self.family.device)
+            latents = p.pixels.to(family.device)
         else:
-            latents = self.family.encode_images(image_pixels(squares, flips).to(self.family.device), sample=self.vae_sample,
-                                                generators=generators if self.vae_sample else None)
+            generators = ([pair_generator(self.seed, pair_id, p.epoch, f"posterior-{side}") for pair_id, side in p.images]
+                          if self.vae_sample else None)
+            latents = family.encode_images(p.pixels.to(family.device), sample=self.vae_sample, generators=generators)
         if self.size_conditioning == "target":  # the authors' fixed (R, R, 0, 0, R, R) for every image
-            cond = self.family.encode_prompts(captions)
-            return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds)
-        cond = self.family.encode_prompts(captions, original_sizes=sizes[0::2], crops_coords=crops[0::2])
-        return make_pair_batch(self.family, latents[0::2], latents[1::2], cond, drops, self.uncond, p_wins, seeds,
-                               sizes_l=sizes[1::2], crops_l=crops[1::2])
+            cond = family.encode_prompts(p.captions)
+            return make_pair_batch(family, latents[0::2], latents[1::2], cond, p.drops, self.uncond, p.p_wins, p.seeds)
+        cond = family.encode_prompts(p.captions, original_sizes=p.sizes[0::2], crops_coords=p.crops[0::2])
+        return make_pair_batch(family, latents[0::2], latents[1::2], cond, p.drops, self.uncond, p.p_wins, p.seeds,
+                               sizes_l=p.sizes[1::2], crops_l=p.crops[1::2])
 
     def _stored_latent(self, row: dict[str, Any], side: int) -> torch.Tensor:
         """Image ``side``'s stored latent, checked against the training resolution and the model."""
