@@ -58,3 +58,9 @@ def write_labelled_dataset(folder: Path, num_pairs: int = 8, *, seed: int = 0) -
 @pytest.fixture(scope="session")
 def labelled(tmp_path_factory) -> Path:
     return write_labelled_dataset(tmp_path_factory.mktemp("labelled") / "data", 8)
+
+
+@pytest.fixture(scope="session")
+def write_labelled():
+    """`write_labelled_dataset`, for a test that needs its own set."""
+    return write_labelled_dataset

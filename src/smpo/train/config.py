@@ -111,6 +111,10 @@ class DataConfig:
     kto_desirable_share: float = 0.5
     """KTO only: expected share of desirable images among those drawn (the authors' weighted
     sampler; 0.5 default, 0.8 in their example)."""
+    num_workers: int | None = None
+    """Worker processes that read, decode and crop the next micro-batches' images while the step
+    runs (a --dataset; a cache is read in the step); the batches are the same for any number.
+    Default: 2 with a GPU, 0 on the CPU (the step's threads use the cores)."""
 
 
 @dataclass
@@ -204,6 +208,7 @@ class TrainConfig:
             (bool(self.run.output_dir), "run.output_dir is required"),
             (0.0 <= self.data.empty_prompt_rate <= 1.0, "data.empty_prompt_rate must be in [0, 1]"),
             (0.0 < self.data.kto_desirable_share < 1.0, "data.kto_desirable_share must be in (0, 1)"),
+            (self.data.num_workers is None or self.data.num_workers >= 0, "data.num_workers must be >= 0"),
             (self.optim.batch_size >= 1, "optim.batch_size must be >= 1"),
             (self.optim.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps must be >= 1"),
             (self.optim.max_steps >= 1, "optim.max_steps must be >= 1"),

@@ -119,6 +119,7 @@ def train(config: TrainConfig, *, on_step: StepCallback | None = None,
                                        "global_batch": layout.global_batch},
                                 keep=config.run.keep_checkpoints)
     finally:
+        setup.batches.close()
         if bar is not None:
             bar.close()
     accelerator.wait_for_everyone()
@@ -162,8 +163,7 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
     # KTO's reference point is a mean over all processes' batches of a pass (compute_loss).
     reduce_mean = functools.partial(accelerator.reduce, reduction="mean") if accelerator.num_processes > 1 else None
     for micro in range(passes):
-        indices = layout.indices(config.run.seed, step, accelerator.process_index, micro)
-        batch = setup.pairs.batch(indices, epoch)
+        batch = setup.batches(step, micro)
         with setup.parallel.accumulate(policy), accelerator.autocast():
             out = compute_loss(family, policy, setup.reference, batch, config.objective,
                                mean_over_processes=reduce_mean)

@@ -19,6 +19,7 @@ import torch
 from smpo.train.checkpoint import checkpoint_only_lora
 from smpo.train.config import TrainConfig
 from smpo.train.data import Layout, open_pairs
+from smpo.train.prefetch import StepBatches, default_workers
 from smpo.train.sharding import (
     DataParallel,
     FullySharded,
@@ -57,6 +58,8 @@ class TrainingSetup:
     parallel: DataParallel | FullySharded
     """How the processes share the work: accumulation, clipping, checkpoint state, export
     (``smpo.train.sharding``)."""
+    batches: StepBatches
+    """This process's micro-batch of each step, from ``pairs`` (``smpo.train.prefetch``)."""
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -99,9 +102,12 @@ def prepare_training(config: TrainConfig, accelerator: Any, family: Any) -> Trai
         # The scheduler is NOT prepared: accelerate would step it once per process per step.
         accelerator.register_for_checkpointing(scheduler)
         parallel = DataParallel(accelerator)
+    workers = config.data.num_workers
+    batches = StepBatches(pairs, layout, seed=config.run.seed, rank=accelerator.process_index,
+                          workers=default_workers(accelerator.device) if workers is None else workers)
     return TrainingSetup(config=config, accelerator=accelerator, family=family, policy=policy, reference=reference,
                          pairs=pairs, layout=layout, optimizer=optimizer, scheduler=scheduler,
-                         parameters=params, parallel=parallel)
+                         parameters=params, parallel=parallel, batches=batches)
 
 
 def _say_what_is_held(accelerator: Any, policy: Any, reference: Any) -> None:
