@@ -112,6 +112,7 @@ class Settings:
     floor: bool = True  # measure the SmPO rows' floor and every row's bare step between its steps
     resolution: int | None = None  # pixels; default the preset's
     clock: str = "wall"  # wall: time.perf_counter; cpu: this process's CPU time (time.process_time)
+    data_workers: int | None = None  # data.num_workers of the rows; default the training default
 
 
 @dataclass
@@ -280,7 +281,7 @@ def row_config(settings: Settings, method: str, mode: str, source: str, data: Ro
     config.optim.max_steps = 10**9
     config.run.output_dir, config.run.seed = str(data.folder / "run"), settings.seed
     config.run.mixed_precision, config.run.progress = PRECISION[settings.dtype], False  # type: ignore[assignment]
-    config.data.resolution = settings.resolution
+    config.data.resolution, config.data.num_workers = settings.resolution, settings.data_workers
     if source == "images":
         config.data.dataset, config.data.vae_sample = str(data.dataset(fam.resolution)), authors
     else:
@@ -634,7 +635,8 @@ def _settings(args: argparse.Namespace, family: str) -> Settings:
     return Settings(preset=args.preset, family=family, device=args.device, dtype=args.dtype,
                     gradient_checkpointing=args.gradient_checkpointing, steps=args.steps, warmup=args.warmup,
                     pairs_per_step=args.pairs_per_step, lora_rank=args.lora_rank, optimizer=args.optimizer,
-                    seed=args.seed, floor=not args.no_floor, resolution=args.resolution, clock=args.clock)
+                    seed=args.seed, floor=not args.no_floor, resolution=args.resolution, clock=args.clock,
+                    data_workers=args.data_workers)
 
 
 def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str, source: str) -> dict[str, Any]:
@@ -649,6 +651,8 @@ def _run_isolated(args: argparse.Namespace, family: str, method: str, mode: str,
         if args.resolution:
             command += ["--resolution", str(args.resolution)]
         command += ["--clock", args.clock]
+        if args.data_workers is not None:
+            command += ["--data-workers", str(args.data_workers)]
         if args.threads:
             command += ["--threads", str(args.threads)]
         if args.gradient_checkpointing:
@@ -688,7 +692,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}; "
              f"dtype {results['dtype']}, gradient checkpointing {results['gradient_checkpointing']}, "
              f"optimizer {results['optimizer']}, {results['steps']} timed steps after {results['warmup']} warm-up, "
-             f"{results.get('clock', 'wall')} clock.", "",
+             f"{results.get('clock', 'wall')} clock, data workers "
+             f"{'default' if results.get('data_workers') is None else results['data_workers']}.", "",
              "| family | mode | method | source | pairs/step | s/pair (median step) | s/pair (mean) | UNet evals/pair | "
              "peak memory (GiB) | time outside UNet+optimizer | bare s/pair | x bare (quartiles) | "
              "x bare + decoding (quartiles) | floor s/pair | x floor | x full-batch floor | x DPO (same process) |",
@@ -777,6 +782,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
                         help="wall (default) or cpu: this process's CPU time, for a shared CPU machine with --threads 1")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--data-workers", type=int, default=None,
+                        help="data.num_workers of the rows (default the training default: 2 with a GPU, 0 on the CPU)")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the SmPO rows' floor (a DPO step and a replay of the inversion after each step) "
                              "and the bare DPO step after each step")
@@ -804,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{args.device.split(':')[0]}-{args.preset}.json")
     results: dict[str, Any] = {"preset": args.preset, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
-                               "clock": args.clock,
+                               "clock": args.clock, "data_workers": args.data_workers,
                                "gradient_checkpointing": args.gradient_checkpointing, "optimizer": args.optimizer,
                                "environment": environment(args), "rows": []}
     for family in families:
