@@ -18,8 +18,6 @@ from smpo.data.make_pairs import PairsConfig
 from smpo.data.pairing import PairingRule
 from smpo.options import ConfigError
 
-REFERENCES = ("base", "round")
-
 
 @dataclass
 class OnlineConfig:

@@ -6,9 +6,10 @@ judges with Bradley-Terry noise (the first image wins with probability
 a tie when the two utilities are closer than their ``tie_margin``. Their labels play the part of
 Pick-a-Pic's human labels: noisy, binary or tied, and inconsistent between raters.
 
-``build_pair_dataset`` samples two images per prompt from a world pipeline and writes the pairs
-in the columns of Pick-a-Pic v2 (``jpg_0``/``jpg_1`` hold PNG bytes, lossless at 32x32), so that
-the ``smpo label`` reader takes them as it takes the real dataset.
+``label_pairs`` has one random rater label each pair of images and writes the pairs in the
+columns of Pick-a-Pic v2 (``jpg_0``/``jpg_1`` hold PNG bytes, lossless at 32x32), so that the
+``smpo label`` reader takes them as it takes the real dataset (``smpo world pairs``,
+:mod:`smpo.world.pairset`, samples the images).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from smpo.io import atomic_path
 from smpo.labels import TIE, human_winner
@@ -66,19 +65,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def sample_pairs(pipe, prompts: list[str], *, seed: int = 0, num_inference_steps: int = 20,
-                 guidance_scale: float = 3.0, batch_size: int = 64) -> list[tuple[Image.Image, Image.Image]]:
-    """Two samples of ``pipe`` per prompt; image ``k`` of prompt ``i`` uses seed ``seed + 2 i + k``."""
-    images: list[Image.Image] = []
-    jobs = [(p, seed + 2 * i + k) for i, p in enumerate(prompts) for k in (0, 1)]
-    for start in tqdm(range(0, len(jobs), batch_size), desc="sample pairs", leave=False):
-        chunk = jobs[start:start + batch_size]
-        images += pipe([p for p, _ in chunk], num_inference_steps=num_inference_steps,
-                       guidance_scale=guidance_scale,
-                       generator=[torch.Generator().manual_seed(s) for _, s in chunk]).images
-    return list(zip(images[0::2], images[1::2]))
-
-
 def label_pairs(pairs: list[tuple[Image.Image, Image.Image]], prompts: list[str], raters: list[Rater], *,
                 scorer: WorldScorer | None = None, seed: int = 0,
                 models: list[tuple[str, str]] | None = None, uids: list[tuple[str, str]] | None = None,
@@ -120,14 +106,3 @@ def write_parquet(rows: list[dict], path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
     return Path(path)
-
-
-def build_pair_dataset(pipe, output_dir: str | Path, prompts: list[str], *, seed: int = 0, raters: int = 20,
-                       num_inference_steps: int = 20, guidance_scale: float = 3.0) -> Path:
-    """Sample, rate and write ``output_dir/train-00000-of-00001.parquet``; returns the folder."""
-    pairs = sample_pairs(pipe, prompts, seed=seed, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale)
-    rows = label_pairs(pairs, prompts, make_raters(raters, seed=seed), seed=seed)
-    out = Path(output_dir)
-    write_parquet(rows, out / PAIRS_FILE)
-    return out
