@@ -197,7 +197,7 @@ def build_family(family: str, preset: str, device: torch.device, seed: int) -> F
     network = pipe.transformer if family in FLOW else pipe.unet
     for module in [network, pipe.vae, *encoders]:
         module.requires_grad_(False)
-    adapter = make_adapter(family, unet=network, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+    adapter = make_adapter(family, network=network, vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
                            scheduler=pipe.scheduler, source=f"preset {preset}")
     return adapter.to(device)
 
@@ -448,7 +448,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
     setup = prepare_training(config, accelerator, fam)
     per_step = config.optim.batch_size
     reference = setup.reference
-    networks = [fam.unet] + ([reference] if isinstance(reference, torch.nn.Module) else [])
+    networks = [fam.network] + ([reference] if isinstance(reference, torch.nn.Module) else [])
     encoders = [getattr(fam.vae, "encoder", fam.vae), *fam.text_encoders] if source == "images" else []
     clock = CLOCKS[settings.clock]
     timer = CallTimer(networks, encoders, getattr(setup.optimizer, "optimizer", setup.optimizer), device, clock)
@@ -475,7 +475,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
         with torch.no_grad(), autocast:
             _sync(device)
             start = clock()
-            fam.unet_output(reference, x, t, cond.index([0] * size))  # type: ignore[union-attr]
+            fam.network_output(reference, x, t, cond.index([0] * size))  # type: ignore[union-attr]
             _sync(device)
         return clock() - start
 
@@ -549,7 +549,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
             timer.timers.total += seconds
             for size, n in timer.nograd_calls.items():
                 calls_total[size] = calls_total.get(size, 0) + n
-            counters = (fam.unet_evals, fam.unet_calls)
+            counters = (fam.network_evals, fam.network_calls)
             timer.recording = False
             if bare:
                 bare_seconds, decode_seconds = bare_step(step)
@@ -571,7 +571,7 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
                 extra_evals = sum(size * n for size, n in calls.items())
                 full_batch_floors.append(dpo_seconds + extra_evals * full_price / full)
             timer.recording = True
-            fam.unet_evals, fam.unet_calls = counters
+            fam.network_evals, fam.network_calls = counters
     finally:
         timer.remove()
     pairs = steps * per_step
@@ -587,8 +587,8 @@ def run_row(settings: Settings, method: str, mode: str, source: str, data: RowDa
     row = Row(
         family=settings.family, preset=settings.preset, mode=mode, method=method, source=source,
         pairs_per_step=per_step, pairs=pairs, seconds_per_pair=statistics.median(step_times) / per_step,
-        seconds_per_pair_mean=timers.total / pairs, unet_evals_per_pair=fam.unet_evals / pairs,
-        unet_calls_per_pair=fam.unet_calls / pairs, peak_memory_gib=peak, memory_kind=kind,
+        seconds_per_pair_mean=timers.total / pairs, unet_evals_per_pair=fam.network_evals / pairs,
+        unet_calls_per_pair=fam.network_calls / pairs, peak_memory_gib=peak, memory_kind=kind,
         share_outside_unet=(timers.total - inside - timers.encode) / timers.total if timers.total else 0.0,
         last_loss=last_loss, objective=asdict(config.objective),
         timers={k: v / pairs for k, v in asdict(timers).items()},

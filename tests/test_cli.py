@@ -67,6 +67,11 @@ def test_network_names_the_trained_unet_or_transformer_and_unet_still_works(comm
     assert vars(_parse(command, [*argv, "--unet", "runs/a/final/unet"]))[dest] == "runs/a/final/unet"
 
 
+def test_reference_network_spells_the_reference_unet_or_transformer():
+    assert vars(_parse("train", ["--reference-network", "base/transformer"]))["model.reference_unet"] == "base/transformer"
+    assert vars(_parse("train", ["--reference-unet", "base/unet"]))["model.reference_unet"] == "base/unet"
+
+
 def test_label_output_as_argument_or_option(tmp_path, capsys):
     from smpo.data.label import _output
 

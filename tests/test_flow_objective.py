@@ -19,7 +19,7 @@ from smpo.objective import ObjectiveConfig, compute_loss, draw_t_and_noise
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     family = load_family(save_pipeline(tmp_path_factory.mktemp("sd3") / "p", "sd3", "tiny"))
-    reference = copy.deepcopy(family.unet)
+    reference = copy.deepcopy(family.network)
     with torch.no_grad():  # a reference that differs from the policy, so the loss is not log 2
         for p in reference.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -39,14 +39,14 @@ def _velocity(network, x, sigma, cond):
 def test_dpo_with_forward_noising_by_hand(setup):
     family, reference, batch = setup
     beta = 1000.0
-    out = compute_loss(family, family.unet, reference, batch, ObjectiveConfig(method="dpo", beta=beta))
+    out = compute_loss(family, family.network, reference, batch, ObjectiveConfig(method="dpo", beta=beta))
     t, eps = draw_t_and_noise(batch.seeds, (4, 16, 16), 1000)
     s = family.sigmas[t]
     x0 = torch.cat([batch.latents_w, batch.latents_l])
     s2, eps2, cond2 = torch.cat([s, s]), torch.cat([eps, eps]), batch.cond.repeat(2)
     x_s = (1 - s2.view(-1, 1, 1, 1)) * x0 + s2.view(-1, 1, 1, 1) * eps2  # x_s = (1 - s) x0 + s eps
     with torch.no_grad():
-        m = (eps2 - x0 - _velocity(family.unet, x_s, s2, cond2)).pow(2).mean(dim=(1, 2, 3))
+        m = (eps2 - x0 - _velocity(family.network, x_s, s2, cond2)).pow(2).mean(dim=(1, 2, 3))
         r = (eps2 - x0 - _velocity(reference, x_s, s2, cond2)).pow(2).mean(dim=(1, 2, 3))
     inside = -0.5 * beta * ((m[:2] - r[:2]) - (m[2:] - r[2:]))
     torch.testing.assert_close(out.loss, -F.logsigmoid(inside).mean(), rtol=1e-4, atol=1e-5)
@@ -56,15 +56,15 @@ def test_smpo_over_the_renoise_inverted_point_by_hand(setup):
     family, reference, batch = setup
     beta, gamma = 400.0, 10.0
     cfg = ObjectiveConfig(method="smpo", beta=beta, gamma=gamma, inversion_steps=4, renoise_iters=2)
-    out = compute_loss(family, family.unet, reference, batch, cfg)
+    out = compute_loss(family, family.network, reference, batch, cfg)
     t, _ = draw_t_and_noise(batch.seeds, (4, 16, 16), 1000)
     x0 = torch.cat([batch.latents_w, batch.latents_l])
     s2, cond2 = torch.cat([family.sigmas[t]] * 2), batch.cond.repeat(2)
     with torch.no_grad():
-        x_s = flow_renoise_invert(lambda x, s, index: _velocity(family.unet, x, s, cond2.index(index)), x0, s2,
+        x_s = flow_renoise_invert(lambda x, s, index: _velocity(family.network, x, s, cond2.index(index)), x0, s2,
                                   flow_grid(4, family.sigmas), renoise_iters=2)
         v_hat = (x_s - x0) / s2.view(-1, 1, 1, 1)  # the implied velocity eps_hat - x0
-        m = (v_hat - _velocity(family.unet, x_s, s2, cond2)).pow(2).mean(dim=(1, 2, 3))
+        m = (v_hat - _velocity(family.network, x_s, s2, cond2)).pow(2).mean(dim=(1, 2, 3))
         r = (v_hat - _velocity(reference, x_s, s2, cond2)).pow(2).mean(dim=(1, 2, 3))
     lam = gamma * (2 * batch.p_win - 1)
     inside = -0.5 * beta * lam * ((m[:2] - r[:2]) - (m[2:] - r[2:]))
@@ -74,7 +74,7 @@ def test_smpo_over_the_renoise_inverted_point_by_hand(setup):
 def test_flow_inversion_refuses_inpo_noise(setup):
     family, reference, batch = setup
     with pytest.raises(ValueError, match="not defined for flow"):
-        compute_loss(family, family.unet, reference, batch, ObjectiveConfig(method="smpo", inversion_noise=0.1))
+        compute_loss(family, family.network, reference, batch, ObjectiveConfig(method="smpo", inversion_noise=0.1))
 
 
 @pytest.mark.parametrize("scheme", ["logit_normal", "mode"])

@@ -40,7 +40,7 @@ class StandIn(torch.nn.Module):
 
 
 def _family() -> SD15Adapter:
-    return SD15Adapter(unet=None, vae=None, text_encoders=[], tokenizers=[], alphas_cumprod=_alphas_cumprod(),
+    return SD15Adapter(network=None, vae=None, text_encoders=[], tokenizers=[], alphas_cumprod=_alphas_cumprod(),
                        prediction_type="epsilon", resolution=16)
 
 
@@ -73,7 +73,7 @@ def test_pairs_share_t_and_noise_drawn_from_their_seeds():
         abar = family.alphas_cumprod[t_i]
         for x0, row in ((batch.latents_w[i], i), (batch.latents_l[i], i + 2)):  # the same eps for both images
             torch.testing.assert_close(x_t[row], abar.sqrt() * x0 + (1 - abar).sqrt() * eps_i)
-    assert family.unet_evals == 8 and family.unet_calls == 2  # one call of 2B per network
+    assert family.network_evals == 8 and family.network_calls == 2  # one call of 2B per network
 
 
 def test_dpo_loss_value_by_hand():
@@ -232,7 +232,7 @@ def test_real_tiny_unet_with_lora_reference_starts_at_log2(family_name, tmp_path
     from smpo.models.presets import save_pipeline
 
     family = load_family(save_pipeline(tmp_path / family_name, family_name, "tiny"))
-    policy = add_lora(family.unet, rank=2)
+    policy = add_lora(family.network, rank=2)
     g = torch.Generator().manual_seed(0)
     cond = family.encode_prompts(["a", "b"], original_sizes=[(16, 16), (32, 16)], crops_coords=[(0, 0), (8, 0)])
     batch = PairBatch(torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), cond,
@@ -246,7 +246,7 @@ def test_real_tiny_unet_with_lora_reference_starts_at_log2(family_name, tmp_path
 
 
 def test_v_prediction_models_train_on_v_and_invert_with_eps():
-    family = SD15Adapter(unet=None, vae=None, text_encoders=[], tokenizers=[], alphas_cumprod=_alphas_cumprod(),
+    family = SD15Adapter(network=None, vae=None, text_encoders=[], tokenizers=[], alphas_cumprod=_alphas_cumprod(),
                          prediction_type="v_prediction", resolution=16)
     policy, reference = StandIn(0.3), StandIn(0.2)
     batch = _batch(1)
@@ -281,7 +281,7 @@ def test_ablation_rungs_are_settings():
     for name, cfg in rungs.items():
         family = _family()
         losses[name] = compute_loss(family, StandIn(0.3), StandIn(0.2), _batch(), cfg).losses
-        evals[name] = family.unet_evals
+        evals[name] = family.network_evals
     assert evals["dpo"] == 8  # policy and reference, winners and losers
     inversion = evals["+inversion"] - 8
     assert inversion > 0 and evals["+renoise"] - 8 == 2 * inversion  # one renoise iteration doubles each step

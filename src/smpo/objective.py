@@ -14,7 +14,7 @@ batch it lands in, the number of processes or the accumulation split. Winner and
 ``t`` and, when forward-noised, ``eps``.
 
 Speed: winner and loser go through each network in ONE call of ``2B`` samples; the inversion
-inverts both images together. ``family.unet_evals`` counts the UNet sample-evaluations.
+inverts both images together. ``family.network_evals`` counts the network sample-evaluations.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def _inversion_generators(seeds: Sequence[int] | None, rows: int) -> list[torch.
 
 def errors(family: FamilyAdapter, network: Any, noised: NoisedBatch, x0: Tensor, cond: Conditioning) -> Tensor:
     """Per-sample ``||target - network(x_t, t, c)||^2`` (mean over elements), ``[B]``."""
-    output = family.unet_output(network, noised.x_t, noised.t, cond)
+    output = family.network_output(network, noised.x_t, noised.t, cond)
     return per_sample_mse(output, family.target(x0, noised.eps, noised.t))
 
 

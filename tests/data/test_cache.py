@@ -67,7 +67,7 @@ def test_cache_read_back_equals_direct_encoding(family_name, labelled, models, t
     assert "disk estimate" in printed and "skipped 1" in printed and "broken" in printed
     cache = LatentCache(out)
     assert len(cache) == 5 and cache.pair_ids == [f"p{i}" for i in range(5)] and cache.family == family_name
-    family = load_family(models[family_name], with_unet=False)
+    family = load_family(models[family_name], with_network=False)
     for row in rows:
         pair = cache.get(row["pair_id"])
         assert pair.caption == row["caption"]

@@ -32,7 +32,7 @@ def test_auto_detects_family_and_reads_scheduler(pipelines):
     assert sd15.prediction_type == "epsilon" and sd15.num_timesteps == 1000
     # scaled_linear betas: abar[0] = 1 - 0.00085
     assert sd15.alphas_cumprod[0].item() == pytest.approx(1 - 0.00085, rel=1e-6)
-    assert all(not p.requires_grad for p in sd15.unet.parameters())
+    assert all(not p.requires_grad for p in sd15.network.parameters())
 
 
 def test_sd15_shapes_and_last_hidden_state(pipelines):
@@ -44,8 +44,8 @@ def test_sd15_shapes_and_last_hidden_state(pipelines):
     ids = family.tokenizers[0](["a red square"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     expected = family.text_encoders[0](ids).last_hidden_state
     torch.testing.assert_close(cond.hidden_states[:1], expected)
-    out = family.unet_output(family.unet, latents, torch.tensor([0, 999]), cond)
-    assert out.shape == (2, 4, 8, 8) and family.unet_evals == 2 and family.unet_calls == 1
+    out = family.network_output(family.network, latents, torch.tensor([0, 999]), cond)
+    assert out.shape == (2, 4, 8, 8) and family.network_evals == 2 and family.network_calls == 1
 
 
 def test_sdxl_penultimate_states_pooled_and_time_ids(pipelines):
@@ -65,7 +65,7 @@ def test_sdxl_penultimate_states_pooled_and_time_ids(pipelines):
     assert loser.added["time_ids"][0].tolist() == [40, 16, 12, 0, 16, 16]
     assert torch.equal(loser.hidden_states, cond.hidden_states)
     latents = family.encode_images(torch.zeros(2, 3, 16, 16))
-    assert family.unet_output(family.unet, latents, torch.tensor([3, 7]), cond).shape == (2, 4, 8, 8)
+    assert family.network_output(family.network, latents, torch.tensor([3, 7]), cond).shape == (2, 4, 8, 8)
 
 
 def test_v_prediction_matches_diffusers_get_velocity():
@@ -73,7 +73,7 @@ def test_v_prediction_matches_diffusers_get_velocity():
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type="v_prediction")
-    family = SD15Adapter(unet=None, vae=None, text_encoders=[], tokenizers=[],
+    family = SD15Adapter(network=None, vae=None, text_encoders=[], tokenizers=[],
                          alphas_cumprod=scheduler.alphas_cumprod.float(), prediction_type="v_prediction", resolution=16)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
@@ -84,7 +84,7 @@ def test_v_prediction_matches_diffusers_get_velocity():
     torch.testing.assert_close(x_t, scheduler.add_noise(x0, eps, t))
     torch.testing.assert_close(family.eps_from_output(v, x_t, t), eps, atol=1e-5, rtol=1e-5)
     # epsilon models: the target is eps and the output is already eps
-    eps_family = SD15Adapter(unet=None, vae=None, text_encoders=[], tokenizers=[],
+    eps_family = SD15Adapter(network=None, vae=None, text_encoders=[], tokenizers=[],
                              alphas_cumprod=scheduler.alphas_cumprod.float(), prediction_type="epsilon", resolution=16)
     assert torch.equal(eps_family.target(x0, eps, t), eps)
     # a negative level (the authors' grid) is the clean image: abar = 1, so eps = v
@@ -94,20 +94,20 @@ def test_v_prediction_matches_diffusers_get_velocity():
 def test_separate_unet_and_vae_folders(pipelines, tmp_path):
     base = load_family(pipelines["sd15"])
     with torch.no_grad():
-        for p in base.unet.parameters():
+        for p in base.network.parameters():
             p.add_(0.5)
         for p in base.vae.parameters():
             p.mul_(0.5)
-    base.unet.save_pretrained(tmp_path / "unet_only")
+    base.network.save_pretrained(tmp_path / "unet_only")
     base.vae.save_pretrained(tmp_path / "vae_only")
-    family = load_family(pipelines["sd15"], unet=tmp_path / "unet_only", vae=tmp_path / "vae_only")
-    for a, b in zip(family.unet.parameters(), base.unet.parameters()):
+    family = load_family(pipelines["sd15"], network=tmp_path / "unet_only", vae=tmp_path / "vae_only")
+    for a, b in zip(family.network.parameters(), base.network.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(family.vae.parameters(), base.vae.parameters()):
         assert torch.equal(a, b)
     # a pipeline folder also works as --unet (its unet/ subfolder)
-    again = load_family(pipelines["sd15"], unet=pipelines["sd15"])
-    assert not torch.equal(next(again.unet.parameters()), next(base.unet.parameters()))
+    again = load_family(pipelines["sd15"], network=pipelines["sd15"])
+    assert not torch.equal(next(again.network.parameters()), next(base.network.parameters()))
 
 
 def test_missing_model_index_is_a_clear_error(tmp_path):

@@ -42,7 +42,7 @@ def test_auto_loads_the_family_and_its_training_sigmas(family, pipelines):
     assert adapter.name == family and adapter.prediction_type == "flow"
     assert adapter.resolution == 32 and adapter.latent_size == 16 and adapter.latent_channels == 4
     assert adapter.num_timesteps == 1000 and adapter.max_sequence_length == 32
-    assert all(not p.requires_grad for p in adapter.unet.parameters())
+    assert all(not p.requires_grad for p in adapter.network.parameters())
     s = adapter.sigmas
     assert bool((s[1:] > s[:-1]).all()) and s[-1].item() == pytest.approx(1.0)
     base = torch.arange(1, 1001) / 1000
@@ -52,13 +52,13 @@ def test_auto_loads_the_family_and_its_training_sigmas(family, pipelines):
         torch.testing.assert_close(s, base)
     # a flow family's schedule is its sigmas: no variance-preserving alphas_cumprod, no stored inversion
     assert not hasattr(adapter, "alphas_cumprod") and not adapter.stores_inversion
-    without = load_family(pipelines[family], with_unet=False)
-    assert without.unet is None and without.resolution == 32
+    without = load_family(pipelines[family], with_network=False)
+    assert without.network is None and without.resolution == 32
 
 
 @pytest.mark.parametrize("family", FLOW)
 def test_add_noise_target_and_eps_match_the_scheduler(family, pipelines):
-    adapter = load_family(pipelines[family], with_unet=False)
+    adapter = load_family(pipelines[family], with_network=False)
     scheduler = _pipeline(family, pipelines[family]).scheduler
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
@@ -109,5 +109,5 @@ def test_two_euler_steps_of_the_pipeline_equal_two_adapter_velocity_steps(family
     cond = adapter.encode_prompts(["a red square"])
     mine = x.clone()
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        mine = mine + (s_next - s) * adapter.velocity(adapter.unet, mine, torch.tensor([s]), cond)
+        mine = mine + (s_next - s) * adapter.velocity(adapter.network, mine, torch.tensor([s]), cond)
     torch.testing.assert_close(mine, out, atol=1e-5, rtol=1e-4)

@@ -54,18 +54,18 @@ def test_an_adapter_from_a_pipeline_object_through_its_text_encoder_names(family
     encoders = [getattr(pipe, folder) for folder, _ in cls.text_encoder_classes]
     tokenizers = [getattr(pipe, cls.tokenizer_folder(folder)) for folder, _ in cls.text_encoder_classes]
     assert [type(e).__name__ for e in encoders] == [kind for _, kind in cls.text_encoder_classes]
-    adapter = make_adapter(family, unet=getattr(pipe, cls.network_folder), vae=pipe.vae, text_encoders=encoders,
+    adapter = make_adapter(family, network=getattr(pipe, cls.network_folder), vae=pipe.vae, text_encoders=encoders,
                            tokenizers=tokenizers, scheduler=pipe.scheduler)
     assert type(adapter) is cls and adapter.num_timesteps == 1000
     cond = adapter.encode_prompts(["a red square"])
     x = torch.zeros(1, adapter.latent_channels, adapter.latent_size, adapter.latent_size)
-    assert adapter.unet_output(adapter.unet, x, torch.tensor([500]), cond).shape == x.shape
+    assert adapter.network_output(adapter.network, x, torch.tensor([500]), cond).shape == x.shape
 
 
 def _analytic_family() -> SD15Adapter:
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
     abar = torch.cumprod(1 - betas, 0)
-    return SD15Adapter(unet=None, vae=None, text_encoders=[], tokenizers=[], alphas_cumprod=abar,
+    return SD15Adapter(network=None, vae=None, text_encoders=[], tokenizers=[], alphas_cumprod=abar,
                        prediction_type="epsilon", resolution=16, set_alpha_to_one=False)
 
 
@@ -105,14 +105,14 @@ def test_the_stored_inversion_methods_are_the_inversion_module_with_the_family_s
 def test_a_flow_family_stores_no_inversion_and_has_no_step_noise():
     pipe = build_pipeline("sd3", "tiny")
     cls = FAMILIES["sd3"]
-    adapter = make_adapter("sd3", unet=pipe.transformer, vae=pipe.vae,
+    adapter = make_adapter("sd3", network=pipe.transformer, vae=pipe.vae,
                            text_encoders=[getattr(pipe, f) for f, _ in cls.text_encoder_classes],
                            tokenizers=[getattr(pipe, cls.tokenizer_folder(f)) for f, _ in cls.text_encoder_classes],
                            scheduler=pipe.scheduler)
     cond = adapter.encode_prompts(["x"])
     x0 = torch.zeros(1, 4, adapter.latent_size, adapter.latent_size)
     with pytest.raises(ValueError, match="stored inversions are DDIM inversions"):
-        adapter.invert_to_levels(adapter.unet, x0, cond, uncond=None, num_steps=4, renoise_iters=1)
+        adapter.invert_to_levels(adapter.network, x0, cond, uncond=None, num_steps=4, renoise_iters=1)
     with pytest.raises(ValueError, match="not defined for flow"):
-        adapter.invert(adapter.unet, x0, torch.tensor([500]), cond, uncond=None, num_steps=4, renoise_iters=1,
+        adapter.invert(adapter.network, x0, torch.tensor([500]), cond, uncond=None, num_steps=4, renoise_iters=1,
                        step_noise=0.1)

@@ -24,7 +24,7 @@ def caches(tiny_pipelines, labelled, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("caches")
     for family, folder in tiny_pipelines.items():
-        build_cache(labelled, root / family, load_family(folder, with_unet=False), progress=False)
+        build_cache(labelled, root / family, load_family(folder, with_network=False), progress=False)
     return {family: root / family for family in tiny_pipelines}
 
 

@@ -111,7 +111,7 @@ def _store(tensor: Tensor) -> Tensor:
 
 def invert_images(family: FamilyAdapter, latents: Tensor, cond: Conditioning, spec: InversionSpec,
                   batch_size: int, network: Any = None) -> Tensor:
-    """The reference's (``network``, default ``family.unet``) inversion of ``latents`` at the grid
+    """The reference's (``network``, default ``family.network``) inversion of ``latents`` at the grid
     levels, ``[N, L, C, h, w]`` on the CPU, as the objective's ``noise_latents`` would compute it
     with these settings."""
     uncond = None
@@ -123,7 +123,7 @@ def invert_images(family: FamilyAdapter, latents: Tensor, cond: Conditioning, sp
         x0 = latents[rows].to(family.device, torch.float32)
         with torch.no_grad():
             parts.append(family.invert_to_levels(
-                family.unet if network is None else network, x0, cond.index(rows),
+                family.network if network is None else network, x0, cond.index(rows),
                 uncond=None if uncond is None else uncond.index(rows), guidance=spec.guidance,
                 num_steps=spec.steps, renoise_iters=spec.renoise_iters, land_on_t=spec.land_on_t).cpu())
     return torch.cat(parts)
@@ -177,7 +177,7 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
                 ) -> CacheSummary:
     """Cache the latents and conditioning of every pair of ``data`` (any source ``smpo.data.pairs`` reads).
 
-    ``inversion``: also store each image's inversion by ``family.unet`` (the frozen reference).
+    ``inversion``: also store each image's inversion by ``family.network`` (the frozen reference).
 
     Human ties are kept (a labelled set's winner comes from the reward model). Pairs whose image
     cannot be decoded are skipped and listed in the summary. Resumes an unfinished ``out`` made
@@ -196,7 +196,7 @@ def build_cache(data: str | os.PathLike, out: str | os.PathLike, family: FamilyA
             "prediction_type": family.prediction_type, "shard_size": shard_size, "source": str(data),
             "split": split, "limit": limit, "storage_dtype": "float16",
             "inversion": None if inversion is None else asdict(inversion)}
-    if inversion is not None and family.unet is None:
+    if inversion is not None and family.network is None:
         raise ValueError("storing the inversion needs the reference UNet (load the family with its UNet)")
     if inversion is not None and not family.stores_inversion:
         raise ValueError(f"--store-inversion stores DDIM inversions (SD1.5, SDXL); the {family.name} family "
@@ -387,8 +387,8 @@ def run(args: argparse.Namespace) -> int:
                                   guidance=config.inversion_guidance, size_conditioning=config.size_conditioning)
     elif config.unet:
         raise ValueError("--unet is the reference of --store-inversion; the latents need only --model")
-    family = load_family(config.model, family=config.family, vae=config.vae, unet=config.unet, revision=config.revision,
-                         variant=config.variant, dtype=dtype, device=device, with_unet=inversion is not None)
+    family = load_family(config.model, family=config.family, vae=config.vae, network=config.unet, revision=config.revision,
+                         variant=config.variant, dtype=dtype, device=device, with_network=inversion is not None)
     if config.resolution is not None:
         family.resolution = config.resolution
     build_cache(config.data, config.out, family, model=str(config.model), shard_size=config.shard_size,

@@ -99,13 +99,13 @@ class InversionSettings:
 class FamilyAdapter(ABC):
     """A loaded text-to-image model: components plus the family-specific glue.
 
-    ``unet`` is the network to train (the policy; a transformer for SD3/FLUX); ``vae`` and the text
+    ``network`` is the network to train (the policy; a transformer for SD3/FLUX); ``vae`` and the text
     encoders are frozen and used under ``no_grad``. ``prediction_type`` comes from the pipeline's
     scheduler config (``epsilon``, ``v_prediction``, or ``flow``). ``resolution`` is the pixel size
     the network was trained at.
 
-    ``unet_evals`` counts network sample-evaluations made through :meth:`unet_output` (a call with
-    a batch of 4 adds 4) and ``unet_calls`` the calls; the benchmark reads and resets them.
+    ``network_evals`` counts network sample-evaluations made through :meth:`network_output` (a call with
+    a batch of 4 adds 4) and ``network_calls`` the calls; the benchmark reads and resets them.
     """
 
     name: ClassVar[str] = "base"
@@ -139,15 +139,15 @@ class FamilyAdapter(ABC):
     guidance_scale: ClassVar[float] = 7.5
     """Default CFG of ``smpo generate`` (paper Appendix D: 7.5 for SD1.5, 5 for SDXL)."""
 
-    unet: Any
+    network: Any
     vae: Any
     text_encoders: list[Any]
     tokenizers: list[Any]
     prediction_type: str
     resolution: int
     source: str = ""
-    unet_evals: int = field(default=0, init=False)
-    unet_calls: int = field(default=0, init=False)
+    network_evals: int = field(default=0, init=False)
+    network_calls: int = field(default=0, init=False)
 
     # ---- what the family's pipeline and components are
     @classmethod
@@ -198,13 +198,13 @@ class FamilyAdapter(ABC):
 
     @classmethod
     @abstractmethod
-    def from_pretrained(cls, model: str, *, vae: str | None, unet: str | None, revision: str | None,
-                        variant: str | None, dtype: torch.dtype, with_unet: bool) -> FamilyAdapter:
+    def from_pretrained(cls, model: str, *, vae: str | None, network: str | None, revision: str | None,
+                        variant: str | None, dtype: torch.dtype, with_network: bool) -> FamilyAdapter:
         """The family's components from a pipeline folder or hub id, frozen (``smpo.models.load_family``)."""
 
     @classmethod
     @abstractmethod
-    def from_components(cls, *, unet: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
+    def from_components(cls, *, network: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
                         scheduler: Any, network_config: Any = None, source: str = "") -> FamilyAdapter:
         """An adapter over built components (``smpo.models.make_adapter``)."""
 
@@ -233,14 +233,14 @@ class FamilyAdapter(ABC):
 
     def to(self, device: torch.device | str) -> FamilyAdapter:
         """Move every component to ``device``; dtypes are kept (families also move their schedule)."""
-        for module in [self.unet, self.vae, *self.text_encoders]:
+        for module in [self.network, self.vae, *self.text_encoders]:
             if module is not None:
                 module.to(device)
         return self
 
     def reset_counters(self) -> None:
-        self.unet_evals = 0
-        self.unet_calls = 0
+        self.network_evals = 0
+        self.network_calls = 0
 
     # ---- images and prompts
     @torch.no_grad()
@@ -285,8 +285,8 @@ class FamilyAdapter(ABC):
 
     # ---- the network and its parametrisation
     @abstractmethod
-    def unet_output(self, unet: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Raw output of ``unet`` (the policy, a frozen reference or a LoRA reference view) at integer
+    def network_output(self, network: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Raw output of ``network`` (the policy, a frozen reference or a LoRA reference view) at integer
         levels ``t`` (``LongTensor[B]``) in float32; inputs are cast to the network's dtype."""
 
     @abstractmethod
@@ -305,9 +305,9 @@ class FamilyAdapter(ABC):
     def implied_noise(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
         """The noise that puts ``x0`` at ``x_t`` on the levels ``t`` (the target of an inverted point)."""
 
-    def predict_noise(self, unet: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """``unet``'s noise estimate at ``(x_t, t)``, whatever the model predicts."""
-        return self.eps_from_output(self.unet_output(unet, x_t, t, cond), x_t, t)
+    def predict_noise(self, network: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """``network``'s noise estimate at ``(x_t, t)``, whatever the model predicts."""
+        return self.eps_from_output(self.network_output(network, x_t, t, cond), x_t, t)
 
     # ---- inversion
     def invert(self, network: Any, x0: Tensor, t: Tensor, cond: Conditioning, *, uncond: Conditioning | None,

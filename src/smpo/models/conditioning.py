@@ -85,7 +85,7 @@ class Conditioning:
             added["text_embeds"] = pick(added["text_embeds"], empty.added["text_embeds"])
         return Conditioning(hidden, added)
 
-    def unet_kwargs(self) -> dict[str, Any]:
+    def network_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``UNet2DConditionModel.forward``."""
         kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden_states}
         if self.added is not None:

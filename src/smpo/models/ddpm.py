@@ -82,11 +82,11 @@ class DDPMAdapter(FamilyAdapter):
         return self
 
     # ---- the UNet and its parametrisation
-    def unet_output(self, unet: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        dtype = module_dtype(unet)
-        self.unet_evals += x_t.shape[0]
-        self.unet_calls += 1
-        out = unet(x_t.to(dtype), t.to(x_t.device), **cond.to(x_t.device, dtype).unet_kwargs(), return_dict=False)[0]
+    def network_output(self, network: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        dtype = module_dtype(network)
+        self.network_evals += x_t.shape[0]
+        self.network_calls += 1
+        out = network(x_t.to(dtype), t.to(x_t.device), **cond.to(x_t.device, dtype).network_kwargs(), return_dict=False)[0]
         return out.float()
 
     def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,7 +120,7 @@ class DDPMAdapter(FamilyAdapter):
         """``(x_t - sqrt(abar[t]) x0) / sqrt(1 - abar[t])`` (``smpo.inversion.implied_noise``)."""
         return inversion.implied_noise(x_t, x0, t, self.alphas_cumprod)
 
-    def eps_fn(self, unet: Any, cond: Conditioning, uncond: Conditioning | None = None,
+    def eps_fn(self, network: Any, cond: Conditioning, uncond: Conditioning | None = None,
                guidance: float = 1.0) -> Callable[..., Tensor]:
         """``eps_fn(x, t, index=None) -> eps`` for ``smpo.inversion`` (ALGORITHM.md section 3).
 
@@ -129,7 +129,7 @@ class DDPMAdapter(FamilyAdapter):
         Table 6); otherwise ``e_uncond + w (e_cond - e_uncond)``, both branches in one UNet call.
         ``uncond`` is a batch of 1 (broadcast) or of ``len(cond)``.
         """
-        return guided_fn(lambda x, t, c: self.predict_noise(unet, x, t, c), cond, uncond, guidance)
+        return guided_fn(lambda x, t, c: self.predict_noise(network, x, t, c), cond, uncond, guidance)
 
     # ---- inversion
     def _invert(self, network: Any, x0: Tensor, t: Tensor, cond: Conditioning, settings: InversionSettings, *,
@@ -166,17 +166,17 @@ class DDPMAdapter(FamilyAdapter):
 
     # ---- loading
     @classmethod
-    def from_pretrained(cls, model: str, *, vae: str | None, unet: str | None, revision: str | None,
-                        variant: str | None, dtype: torch.dtype, with_unet: bool) -> DDPMAdapter:
-        """The UNet (or only its config without ``with_unet``), VAE, text encoders and scheduler."""
+    def from_pretrained(cls, model: str, *, vae: str | None, network: str | None, revision: str | None,
+                        variant: str | None, dtype: torch.dtype, with_network: bool) -> DDPMAdapter:
+        """The UNet (or only its config without ``with_network``), VAE, text encoders and scheduler."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
-        if not with_unet:
+        if not with_network:
             unet_model = None
             unet_config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
-        elif unet is not None:
-            unet_model = _load_unet(UNet2DConditionModel, str(unet), revision, variant, dtype)
+        elif network is not None:
+            unet_model = _load_unet(UNet2DConditionModel, str(network), revision, variant, dtype)
         else:
             unet_model = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision,
                                                               variant=variant, **diffusers_dtype_kwarg(dtype))
@@ -191,22 +191,22 @@ class DDPMAdapter(FamilyAdapter):
                                                   **diffusers_dtype_kwarg(vae_dtype))
         encoders, tokenizers = cls.load_text_encoders(model, revision=revision, variant=variant, dtype=dtype)
         freeze([unet_model, vae_model, *encoders])
-        return cls.from_components(unet=unet_model, vae=vae_model, text_encoders=encoders, tokenizers=tokenizers,
+        return cls.from_components(network=unet_model, vae=vae_model, text_encoders=encoders, tokenizers=tokenizers,
                                    scheduler=scheduler, network_config=unet_config, source=model)
 
     @classmethod
-    def from_components(cls, *, unet: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
+    def from_components(cls, *, network: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
                         scheduler: Any, network_config: Any = None, source: str = "") -> DDPMAdapter:
         """``scheduler``: any diffusers scheduler of the pipeline (only its training schedule and
-        ``prediction_type`` are read); ``network_config`` defaults to ``unet.config`` (its
+        ``prediction_type`` are read); ``network_config`` defaults to ``network.config`` (its
         ``sample_size`` times the VAE factor is the resolution)."""
         from diffusers import DDPMScheduler
 
         schedule = DDPMScheduler.from_config(scheduler.config)
-        config = network_config if network_config is not None else unet.config
+        config = network_config if network_config is not None else network.config
         sample_size = int(config["sample_size"])
         vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        return cls(unet=unet, vae=vae, text_encoders=list(text_encoders), tokenizers=list(tokenizers),
+        return cls(network=network, vae=vae, text_encoders=list(text_encoders), tokenizers=list(tokenizers),
                    alphas_cumprod=schedule.alphas_cumprod.float().clone(),
                    prediction_type=schedule.config.prediction_type, resolution=sample_size * vae_factor,
                    source=source, set_alpha_to_one=bool(scheduler.config.get("set_alpha_to_one", True)))

@@ -10,11 +10,11 @@ the adapter maps it to ``s = sigmas[t]``, the scheduler's training sigmas in asc
 (``FlowMatchEulerDiscreteScheduler.sigmas`` flipped: SD3's are shifted by 3, FLUX.1's, with dynamic
 shifting, are not). Everything that differs from the noise-predicting families is an adapter
 method: :meth:`FlowAdapter.add_noise`, :meth:`~FlowAdapter.target` (the velocity ``eps - x0``),
-:meth:`~FlowAdapter.unet_output` (the network's velocity at ``sigmas[t]``) and
+:meth:`~FlowAdapter.network_output` (the network's velocity at ``sigmas[t]``) and
 :meth:`~FlowAdapter.invert` (Euler inversion with ReNoise, ``smpo.inversion.flow_renoise_invert``).
 
 A flow family has no ``alphas_cumprod``: its schedule is ``sigmas``, and it stores no inversion
-(``stores_inversion`` is False) and has no DDIM-InPO step noise. ``unet`` is the transformer (the
+(``stores_inversion`` is False) and has no DDIM-InPO step noise. ``network`` is the transformer (the
 adapter interface keeps its name). Prompts are encoded by the
 pipeline class's own ``encode_prompt`` over the adapter's text encoders, so training, the cache
 and ``smpo generate`` see the same embeddings:
@@ -115,15 +115,15 @@ class FlowAdapter(FamilyAdapter):
         """``(x_s - (1 - s) x0) / s`` with ``s = sigmas[t]`` (``smpo.inversion.flow_implied_noise``)."""
         return inversion.flow_implied_noise(x_t, x0, self.sigma_of(t.to(x0.device)))
 
-    def unet_output(self, unet: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def network_output(self, network: Any, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The network's velocity at ``(x_t, sigmas[t])`` in float32 (``t`` a ``LongTensor[B]``)."""
-        return self.velocity(unet, x_t, self.sigma_of(t.to(x_t.device)), cond)
+        return self.velocity(network, x_t, self.sigma_of(t.to(x_t.device)), cond)
 
     def velocity(self, network: Any, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         """The network's velocity at float levels ``sigma`` ``[B]`` (inputs cast to its dtype)."""
         dtype = module_dtype(network)
-        self.unet_evals += x.shape[0]
-        self.unet_calls += 1
+        self.network_evals += x.shape[0]
+        self.network_calls += 1
         cond = cond.to(x.device, dtype)
         out = self._forward(network, x.to(dtype), sigma.to(device=x.device, dtype=dtype) * self.timestep_scale, cond)
         return out.float()
@@ -175,20 +175,20 @@ class FlowAdapter(FamilyAdapter):
         return int(_get(vae_config, "sample_size"))
 
     @classmethod
-    def from_pretrained(cls, model: str, *, vae: str | None, unet: str | None, revision: str | None,
-                        variant: str | None, dtype: torch.dtype, with_unet: bool) -> FlowAdapter:
-        """The transformer (``unet`` names a separate initial one; only its config without
-        ``with_unet``), VAE, text encoders and scheduler of a ``StableDiffusion3Pipeline`` /
+    def from_pretrained(cls, model: str, *, vae: str | None, network: str | None, revision: str | None,
+                        variant: str | None, dtype: torch.dtype, with_network: bool) -> FlowAdapter:
+        """The transformer (``network`` names a separate initial one; only its config without
+        ``with_network``), VAE, text encoders and scheduler of a ``StableDiffusion3Pipeline`` /
         ``FluxPipeline`` folder or hub id."""
         import diffusers
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
         network_cls = getattr(diffusers, cls.network_class)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
-        if not with_unet:
+        if not with_network:
             network, network_config = None, network_cls.load_config(model, subfolder="transformer", revision=revision)
         else:
-            repo, sub = (model, "transformer") if unet is None else (unet, _network_subfolder(unet))
+            repo, sub = (model, "transformer") if network is None else (network, _network_subfolder(network))
             network = network_cls.from_pretrained(repo, subfolder=sub, revision=revision, variant=variant,
                                                   **diffusers_dtype_kwarg(dtype))
             network_config = network.config
@@ -198,22 +198,22 @@ class FlowAdapter(FamilyAdapter):
                                                   **diffusers_dtype_kwarg(dtype))
         encoders, tokenizers = cls.load_text_encoders(model, revision=revision, variant=variant, dtype=dtype)
         freeze([network, vae_model, *encoders])
-        return cls.from_components(unet=network, vae=vae_model, text_encoders=encoders, tokenizers=tokenizers,
+        return cls.from_components(network=network, vae=vae_model, text_encoders=encoders, tokenizers=tokenizers,
                                    scheduler=scheduler, network_config=network_config, source=model)
 
     @classmethod
-    def from_components(cls, *, unet: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
+    def from_components(cls, *, network: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
                         scheduler: Any, network_config: Any = None, source: str = "") -> FlowAdapter:
         """``scheduler`` is the pipeline's ``FlowMatchEulerDiscreteScheduler`` (rebuilt from its config,
-        so a pipeline's ``set_timesteps`` does not matter); ``network_config`` defaults to ``unet.config``."""
+        so a pipeline's ``set_timesteps`` does not matter); ``network_config`` defaults to ``network.config``."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sigmas = training_sigmas(FlowMatchEulerDiscreteScheduler.from_config(scheduler.config))
-        resolution = cls.resolution_of(vae.config, network_config if network_config is not None else unet.config)
+        resolution = cls.resolution_of(vae.config, network_config if network_config is not None else network.config)
         t5 = tokenizers[-1]
         max_len = min(cls.default_max_sequence_length,
                       int(getattr(t5, "model_max_length", cls.default_max_sequence_length)))
-        return cls(unet=unet, vae=vae, text_encoders=list(text_encoders), tokenizers=list(tokenizers),
+        return cls(network=network, vae=vae, text_encoders=list(text_encoders), tokenizers=list(tokenizers),
                    resolution=resolution, source=source, sigmas=sigmas, max_sequence_length=max_len)
 
 

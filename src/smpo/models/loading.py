@@ -67,43 +67,43 @@ def detect_family(model: str | os.PathLike | Mapping[str, Any], revision: str | 
 
 
 def load_family(model: str | os.PathLike, *, family: str = "auto", vae: str | os.PathLike | None = None,
-                unet: str | os.PathLike | None = None, revision: str | None = None, variant: str | None = None,
+                network: str | os.PathLike | None = None, revision: str | None = None, variant: str | None = None,
                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                with_unet: bool = True) -> FamilyAdapter:
+                with_network: bool = True) -> FamilyAdapter:
     """Load a text-to-image pipeline from a diffusers folder or hub id as a :class:`FamilyAdapter`.
 
     ``family``: a name of :data:`FAMILIES` or ``"auto"`` (:func:`detect_family` on ``model_index.json``).
-    For ``sd3``/``flux`` the network is the pipeline's ``transformer`` (``unet`` then names a
+    For ``sd3``/``flux`` the network is the pipeline's ``transformer`` (``network`` then names a
     separate initial transformer) and the adapter is a ``smpo.models.flow.FlowAdapter``.
     ``vae``: a separate VAE (folder or hub id, e.g. ``madebyollin/sdxl-vae-fp16-fix``).
-    ``unet``: a separate initial UNet (a folder with ``config.json`` + weights, or a pipeline
-    folder / hub id with a ``unet`` subfolder). All components are loaded in ``dtype`` and frozen
-    (``requires_grad=False``); the training loop unfreezes what it trains. ``with_unet=False``
-    skips the network's weights (``adapter.unet`` is then ``None``; for caching latents and prompts).
+    ``network``: a separate initial UNet (a folder with ``config.json`` + weights, or a pipeline
+    folder / hub id with a ``unet`` (or ``transformer``) subfolder). All components are loaded in ``dtype`` and frozen
+    (``requires_grad=False``); the training loop unfreezes what it trains. ``with_network=False``
+    skips the network's weights (``adapter.network`` is then ``None``; for caching latents and prompts).
     """
     from smpo.io import check_model_source
 
     model = check_model_source(model, "--model")
     vae = None if vae is None else check_model_source(vae, "--vae")
-    unet = None if unet is None else check_model_source(unet, "--unet")
+    network = None if network is None else check_model_source(network, "--unet")
     index = read_model_index(model, revision)
     name = detect_family(index) if family == "auto" else family
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from auto, {', '.join(FAMILIES)}")
-    adapter = FAMILIES[name].from_pretrained(model, vae=vae, unet=unet, revision=revision, variant=variant,
-                                             dtype=dtype, with_unet=with_unet)
+    adapter = FAMILIES[name].from_pretrained(model, vae=vae, network=network, revision=revision, variant=variant,
+                                             dtype=dtype, with_network=with_network)
     return adapter.to(device)
 
 
-def make_adapter(family: str, *, unet: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
+def make_adapter(family: str, *, network: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any],
                  scheduler: Any, network_config: Any = None, source: str = "") -> FamilyAdapter:
-    """An adapter over already-built components (e.g. a pipeline object's ``unet``, ``vae``...).
+    """An adapter over already-built components (e.g. a pipeline object's ``unet`` or ``transformer``, ``vae``...).
 
     ``scheduler``: any scheduler of the pipeline (only its training schedule and ``prediction_type``
     are read). ``network_config`` (the network's config; its sizes give the resolution) defaults to
-    ``unet.config``.
+    ``network.config``.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
-    return FAMILIES[family].from_components(unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+    return FAMILIES[family].from_components(network=network, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
                                             scheduler=scheduler, network_config=network_config, source=source)

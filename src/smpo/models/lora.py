@@ -23,65 +23,65 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "smpo"
 
 
-def add_lora(unet: Any, *, rank: int = 8, alpha: float | None = None,
+def add_lora(network: Any, *, rank: int = 8, alpha: float | None = None,
              target_modules: Sequence[str] = DEFAULT_TARGET_MODULES, dropout: float = 0.0,
              adapter_name: str = ADAPTER_NAME, trainable_dtype: torch.dtype | None = torch.float32) -> Any:
-    """Add a LoRA adapter to ``unet`` (a diffusers ``UNet2DConditionModel``) and make only it trainable.
+    """Add a LoRA adapter to ``network`` (a diffusers UNet or SD3/FLUX transformer) and make only it trainable.
 
     ``alpha`` defaults to ``rank`` (scale 1). The LoRA ``B`` matrices start at zero, so the
     adapted network starts equal to the base network. The LoRA weights are kept in
     ``trainable_dtype`` (float32 by default, so a half-precision UNet trains float32 adapters;
-    peft casts activations to them). Returns ``unet`` (modified in place).
+    peft casts activations to them). Returns ``network`` (modified in place).
     """
     from peft import LoraConfig
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    unet.requires_grad_(False)
+    network.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
                         target_modules=list(target_modules), lora_dropout=dropout, init_lora_weights="gaussian")
-    unet.add_adapter(config, adapter_name=adapter_name)
-    unet.set_adapter(adapter_name)
+    network.add_adapter(config, adapter_name=adapter_name)
+    network.set_adapter(adapter_name)
     if trainable_dtype is not None:
-        for param in lora_parameters(unet):
+        for param in lora_parameters(network):
             param.data = param.data.to(trainable_dtype)
-    return unet
+    return network
 
 
-def has_lora(unet: Any) -> bool:
-    """True if ``unet`` carries a peft adapter."""
-    return bool(getattr(unet, "_hf_peft_config_loaded", False)) or any(
-        "lora_" in name for name, _ in unet.named_parameters())
+def has_lora(network: Any) -> bool:
+    """True if ``network`` carries a peft adapter."""
+    return bool(getattr(network, "_hf_peft_config_loaded", False)) or any(
+        "lora_" in name for name, _ in network.named_parameters())
 
 
-def lora_parameters(unet: Any) -> list[torch.nn.Parameter]:
-    """The trainable LoRA parameters of ``unet``."""
-    return [p for name, p in unet.named_parameters() if "lora_" in name]
+def lora_parameters(network: Any) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters of ``network``."""
+    return [p for name, p in network.named_parameters() if "lora_" in name]
 
 
-def adapter_layers(unet: Any) -> list[Any]:
-    """The peft adapter layers (``BaseTunerLayer``) of ``unet``, in module order."""
+def adapter_layers(network: Any) -> list[Any]:
+    """The peft adapter layers (``BaseTunerLayer``) of ``network``, in module order."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
 
 
 @contextlib.contextmanager
-def adapters_disabled(unet: Any, layers: Sequence[Any] | None = None) -> Iterator[Any]:
-    """Run a block with ``unet``'s adapters off (the base model); restore them afterwards, even on error.
+def adapters_disabled(network: Any, layers: Sequence[Any] | None = None) -> Iterator[Any]:
+    """Run a block with ``network``'s adapters off (the base model); restore them afterwards, even on error.
 
     Sets the flag every adapter layer's forward reads (peft's ``disable_adapters``) on the given
-    ``layers`` (default: `adapter_layers`). peft's own ``unet.disable_adapters()`` walks every
+    ``layers`` (default: `adapter_layers`). peft's own ``network.disable_adapters()`` walks every
     module and changes ``requires_grad`` on each switch, which costs a third of a small UNet's
     call per switch; the objective switches around every reference call, under ``no_grad``.
     """
-    layers = adapter_layers(unet) if layers is None else layers
+    layers = adapter_layers(network) if layers is None else layers
     if not all(hasattr(layer, "_disable_adapters") for layer in layers):  # another peft layout: its own switch
-        unet.disable_adapters()
+        network.disable_adapters()
         try:
-            yield unet
+            yield network
         finally:
-            unet.enable_adapters()
+            network.enable_adapters()
         return
     # A plain instance attribute: written to each layer's __dict__, as nn.Module.__setattr__ ends up
     # writing it after checking its parameters, buffers and submodules (a third of the switch's cost).
@@ -89,34 +89,34 @@ def adapters_disabled(unet: Any, layers: Sequence[Any] | None = None) -> Iterato
     for layer in layers:
         layer.__dict__["_disable_adapters"] = True
     try:
-        yield unet
+        yield network
     finally:
         for layer, state in zip(layers, previous):
             layer.__dict__["_disable_adapters"] = state
 
 
 class AdaptersOffView:
-    """The frozen reference of a LoRA policy: calls ``unet`` with its adapters disabled.
+    """The frozen reference of a LoRA policy: calls ``network`` with its adapters disabled.
 
     Callable like the UNet itself, so the objective treats it like a separate frozen network.
     Use it under ``torch.no_grad()`` (the objective does).
     """
 
-    def __init__(self, unet: Any) -> None:
-        self.unet = unet
-        self.layers = adapter_layers(unet)
+    def __init__(self, network: Any) -> None:
+        self.network = network
+        self.layers = adapter_layers(network)
 
     @property
     def dtype(self) -> torch.dtype:
-        return module_dtype(self.unet)
+        return module_dtype(self.network)
 
     @property
     def config(self) -> Any:
-        return self.unet.config
+        return self.network.config
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with adapters_disabled(self.unet, self.layers):
-            return self.unet(*args, **kwargs)
+        with adapters_disabled(self.network, self.layers):
+            return self.network(*args, **kwargs)
 
 
 class MergedAdaptersView(AdaptersOffView):
@@ -125,14 +125,14 @@ class MergedAdaptersView(AdaptersOffView):
     copies in (``.data``, no copy), runs the network with its adapters off (`AdaptersOffView`), and
     swaps the original weights back, so each call costs what the base network costs and the
     module's own weights are never modified. Build a new view after each optimizer step. Equal to
-    calling ``unet`` itself up to rounding (the merged weight is kept in the base weight's dtype,
+    calling ``network`` itself up to rounding (the merged weight is kept in the base weight's dtype,
     as autocast computes it).
     """
 
-    def __init__(self, unet: Any) -> None:
+    def __init__(self, network: Any) -> None:
         from peft.tuners.lora import LoraLayer
 
-        super().__init__(unet)
+        super().__init__(network)
         self.merged: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         with torch.no_grad():
             for module in self.layers:
@@ -175,19 +175,19 @@ def inference_view(network: Any) -> Any:
     return network
 
 
-def reference_view(unet: Any) -> AdaptersOffView:
-    """The reference network of a LoRA-adapted ``unet``: the same weights with adapters off."""
-    if not has_lora(unet):
+def reference_view(network: Any) -> AdaptersOffView:
+    """The reference network of a LoRA-adapted ``network``: the same weights with adapters off."""
+    if not has_lora(network):
         raise ValueError("reference_view needs a UNet with a LoRA adapter (call add_lora first); "
                          "for full fine-tuning load a separate frozen copy as the reference")
-    return AdaptersOffView(unet)
+    return AdaptersOffView(network)
 
 
-def load_lora_weights(unet: Any, folder: str, *, adapter_name: str = ADAPTER_NAME) -> Any:
-    """Set the adapter ``adapter_name`` of ``unet`` (made by :func:`add_lora` with the same rank and
+def load_lora_weights(network: Any, folder: str, *, adapter_name: str = ADAPTER_NAME) -> Any:
+    """Set the adapter ``adapter_name`` of ``network`` (made by :func:`add_lora` with the same rank and
     targets) to the weights an ``smpo train`` LoRA export holds (``folder``: a ``final/lora`` folder
     with ``pytorch_lora_weights.safetensors``, diffusers' format). Every adapter weight must be
-    found. Returns ``unet``."""
+    found. Returns ``network``."""
     from pathlib import Path
 
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -201,10 +201,10 @@ def load_lora_weights(unet: Any, folder: str, *, adapter_name: str = ADAPTER_NAM
     state = load_file(str(path))
     prefixes = {key.split(".", 1)[0] for key in state}  # unet. or transformer.: the network's keyword
     state = {key.split(".", 1)[1] if len(prefixes) == 1 else key: value for key, value in state.items()}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name=adapter_name)
+    result = set_peft_model_state_dict(network, convert_unet_state_dict_to_peft(state), adapter_name=adapter_name)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and adapter_name in k]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if missing or unexpected:
         raise ValueError(f"{path} does not match the LoRA adapters of this network (rank, alpha, targets): "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return unet
+    return network

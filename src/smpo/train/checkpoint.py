@@ -96,11 +96,11 @@ def load_checkpoint(path: str | os.PathLike, *, load_state: Callable[[Path], Non
     return json.loads(state_file.read_text())
 
 
-def export_full(unet: Any, folder: str | os.PathLike, state_dict: dict[str, Any] | None = None, *,
+def export_full(network: Any, folder: str | os.PathLike, state_dict: dict[str, Any] | None = None, *,
                 class_name: str | None = None) -> Path:
-    """Save a trained UNet where ``UNet2DConditionModel.from_pretrained(folder)`` loads it.
+    """Save a trained network where its diffusers class's ``from_pretrained(folder)`` loads it.
 
-    ``state_dict``: the weights when they are not all in ``unet`` (gathered from FSDP shards;
+    ``state_dict``: the weights when they are not all in ``network`` (gathered from FSDP shards;
     diffusers' ``save_pretrained`` would save the module's own, sharded, tensors), written in
     diffusers' layout (``diffusion_pytorch_model.safetensors``, split past 10 GB with an index).
     ``class_name``: the diffusers class recorded in ``config.json`` (a sharded network's own class
@@ -111,9 +111,9 @@ def export_full(unet: Any, folder: str | os.PathLike, state_dict: dict[str, Any]
     folder = Path(folder)
     with atomic_path(folder) as tmp:
         if state_dict is None:
-            unet.save_pretrained(tmp, safe_serialization=True)
+            network.save_pretrained(tmp, safe_serialization=True)
         else:
-            unet.save_config(tmp)
+            network.save_config(tmp)
             _save_weights(state_dict, Path(tmp))
         if class_name is not None:
             config_file = Path(tmp) / "config.json"
@@ -137,18 +137,18 @@ def _save_weights(state_dict: dict[str, Any], folder: Path, max_shard_size: str 
                    {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
 
 
-def lora_state_dict(unet: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+def lora_state_dict(network: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
     """The UNet's LoRA weights in diffusers' key format (what ``load_lora_weights`` expects)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    adapter = next(iter(getattr(unet, "peft_config", {"default": None})))
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict,
+    adapter = next(iter(getattr(network, "peft_config", {"default": None})))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(network, state_dict=state_dict,
                                                                      adapter_name=adapter))
 
 
-def export_lora(unet: Any, folder: str | os.PathLike, family: str, state_dict: dict[str, Any] | None = None) -> Path:
-    """Save the UNet's LoRA adapters as ``pytorch_lora_weights.safetensors`` in ``folder``.
+def export_lora(network: Any, folder: str | os.PathLike, family: str, state_dict: dict[str, Any] | None = None) -> Path:
+    """Save the network's LoRA adapters as ``pytorch_lora_weights.safetensors`` in ``folder``.
 
     The adapter's config (rank, alpha, target modules) is stored in the file's metadata so that
     ``pipeline.load_lora_weights`` restores the same scale.
@@ -159,16 +159,16 @@ def export_lora(unet: Any, folder: str | os.PathLike, family: str, state_dict: d
     from smpo.models import FAMILIES
 
     pipeline_cls = getattr(diffusers, FAMILIES[family].pipeline_class)
-    network = FAMILIES[family].network_folder  # the keyword prefix: unet_lora_layers / transformer_lora_layers
-    peft_config = getattr(unet, "peft_config", {})
+    prefix = FAMILIES[family].network_folder  # the keyword prefix: unet_lora_layers / transformer_lora_layers
+    peft_config = getattr(network, "peft_config", {})
     metadata = next(iter(peft_config.values())).to_dict() if peft_config else None
     if metadata is not None:
         metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     folder = Path(folder)
     with atomic_path(folder) as tmp:
         pipeline_cls.save_lora_weights(tmp, safe_serialization=True,
-                                       **{f"{network}_lora_layers": lora_state_dict(unet, state_dict),
-                                          f"{network}_lora_adapter_metadata": metadata})
+                                       **{f"{prefix}_lora_layers": lora_state_dict(network, state_dict),
+                                          f"{prefix}_lora_adapter_metadata": metadata})
     return folder
 
 

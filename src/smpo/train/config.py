@@ -293,7 +293,7 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 
 # Extra spellings of some options, so that every command takes ``--model`` and ``--output``.
 ALIASES: dict[str, tuple[str, ...]] = {"output_dir": ("--output",), "pretrained": ("--model",),
-                                      "unet": ("--network",)}
+                                      "unet": ("--network",), "reference_unet": ("--reference-network",)}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

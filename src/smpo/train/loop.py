@@ -151,7 +151,7 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
     config, accelerator, family, policy = setup.config, setup.accelerator, setup.family, setup.policy
     layout, optimizer, scheduler = setup.layout, setup.optimizer, setup.scheduler
     started = time.perf_counter()
-    evals_before = family.unet_evals
+    evals_before = family.network_evals
     passes = layout.accumulation
     epoch = layout.epoch_of(step)
     names: list[str] = []
@@ -189,7 +189,7 @@ def train_step(setup: TrainingSetup, step: int) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
     record = {"step": step + 1, "epoch": epoch, "lr": lr, "pairs_per_s": layout.global_batch / seconds,
-              "seconds": seconds, "unet_evals": float(family.unet_evals - evals_before), **means}
+              "seconds": seconds, "unet_evals": float(family.network_evals - evals_before), **means}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
     return record
@@ -239,22 +239,22 @@ def export(setup: TrainingSetup, run_dir: Path, *, step: int = 0, metrics: dict[
     from smpo.models import FAMILIES
 
     accelerator, config, family = setup.accelerator, setup.config, setup.family.name
-    network = FAMILIES[family].network_folder  # unet, or transformer for SD3/FLUX
+    network_folder = FAMILIES[family].network_folder  # unet, or transformer for SD3/FLUX
     lora = config.model.finetune == "lora"
-    folder = run_dir / "final" / ("lora" if lora else network)
-    unet, state = setup.parallel.export_state(setup.policy, lora=lora)
+    folder = run_dir / "final" / ("lora" if lora else network_folder)
+    network, state = setup.parallel.export_state(setup.policy, lora=lora)
     if accelerator.is_main_process:
         from smpo.io import remove_temporaries
 
         remove_temporaries(run_dir / "final")  # what a kill during an earlier export left
         if lora:
-            export_lora(unet, folder, family, state)
+            export_lora(network, folder, family, state)
         else:
-            export_full(unet, folder, state, class_name=FAMILIES[family].network_class)
+            export_full(network, folder, state, class_name=FAMILIES[family].network_class)
         (run_dir / "final" / CONFIG_FILE).write_text(dump_config(config))
         from smpo.train.card import model_card
 
-        (folder / "README.md").write_text(model_card(config, family, kind=config.model.finetune.replace("full", network),
+        (folder / "README.md").write_text(model_card(config, family, kind=config.model.finetune.replace("full", network_folder),
                                                      steps=step, metrics=metrics))
     accelerator.wait_for_everyone()
     return folder

@@ -171,7 +171,7 @@ def load_model(config: TrainConfig, device: torch.device) -> Any:
     from smpo.models import load_family
 
     m = config.model
-    return load_family(m.pretrained, family=m.family, vae=m.vae, unet=m.unet, revision=m.revision,
+    return load_family(m.pretrained, family=m.family, vae=m.vae, network=m.unet, revision=m.revision,
                        dtype=torch.float32, device=device)
 
 
@@ -189,16 +189,16 @@ def setup_models(family: Any, config: TrainConfig) -> tuple[Any, Any]:
     Methods that need no reference (``sft``, ``mapo`` inverting with the policy) get ``None``.
     """
     _place_encoders(family, config)
-    unet = family.unet
+    network = family.network
     if config.model.finetune == "lora":
-        reference = _add_adapters(unet, config)
+        reference = _add_adapters(network, config)
     else:
-        reference = _frozen_copy(unet, config, family) if config.objective.needs_reference else None
-        unet.requires_grad_(True)
+        reference = _frozen_copy(network, config, family) if config.objective.needs_reference else None
+        network.requires_grad_(True)
     if config.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    return unet, reference
+        network.enable_gradient_checkpointing()
+    network.train()
+    return network, reference
 
 
 def _place_encoders(family: Any, config: TrainConfig) -> None:
@@ -215,26 +215,26 @@ def _place_encoders(family: Any, config: TrainConfig) -> None:
             family.vae.to(dtype=half)
 
 
-def _add_adapters(unet: Any, config: TrainConfig) -> Any:
-    """Add LoRA to ``unet`` (base weights in the mixed-precision dtype, adapters in float32);
+def _add_adapters(network: Any, config: TrainConfig) -> Any:
+    """Add LoRA to ``network`` (base weights in the mixed-precision dtype, adapters in float32);
     return the adapters-off reference view, or ``None`` when the method needs no reference."""
     from smpo.models.lora import add_lora, reference_view
 
     half = _half_dtype(config)
     if half is not None:
-        unet.to(dtype=half)
-    add_lora(unet, rank=config.model.lora_rank, alpha=config.model.lora_alpha)
+        network.to(dtype=half)
+    add_lora(network, rank=config.model.lora_rank, alpha=config.model.lora_alpha)
     if config.model.lora_weights is not None:
         from smpo.models.lora import load_lora_weights
 
-        load_lora_weights(unet, config.model.lora_weights)
-    for p in unet.parameters():
+        load_lora_weights(network, config.model.lora_weights)
+    for p in network.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    return reference_view(unet) if config.objective.needs_reference else None
+    return reference_view(network) if config.objective.needs_reference else None
 
 
-def _frozen_copy(unet: Any, config: TrainConfig, family: Any) -> Any:
+def _frozen_copy(network: Any, config: TrainConfig, family: Any) -> Any:
     """The full fine-tuning reference: a frozen copy of the initial UNet, or ``model.reference_unet``."""
     import copy
 
@@ -242,9 +242,9 @@ def _frozen_copy(unet: Any, config: TrainConfig, family: Any) -> Any:
     if m.reference_unet is not None:
         from smpo.models import load_family
 
-        unet = load_family(m.pretrained, family=family.name, vae=m.vae, unet=m.reference_unet, revision=m.revision,
-                           dtype=torch.float32, device=family.device).unet
-    reference = copy.deepcopy(unet).requires_grad_(False).eval()
+        network = load_family(m.pretrained, family=family.name, vae=m.vae, network=m.reference_unet, revision=m.revision,
+                           dtype=torch.float32, device=family.device).network
+    reference = copy.deepcopy(network).requires_grad_(False).eval()
     dtype = _reference_dtype(config)
     if dtype != reference.dtype:
         reference.to(dtype=dtype)

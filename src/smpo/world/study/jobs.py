@@ -188,7 +188,7 @@ def build_inversion_cache(cfg: StudyConfig, root: Path, base: Path, dataset: Pat
         raise ValueError(f"the cached-inversion rungs disagree on the inversion settings: {specs}")
     progress("smpo study: caching the base's inversion of the pair set (smpo cache --store-inversion)")
     torch.set_num_threads(threads)
-    family = load_family(base, with_unet=True)
+    family = load_family(base, with_network=True)
     build_cache(dataset, inversion_cache_dir(root), family, model=str(base), shard_size=512, batch_size=64,
                 inversion=specs.pop(), progress=False)
 
