@@ -24,7 +24,7 @@ def gathered(network: Any) -> Iterator[None]:
     weights if it is sharded; afterwards each process again holds only its shards. Every process
     must enter and leave the block together (the gathering is collective). Unsharded: no-op."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
-    module = getattr(network, "unet", network)  # the LoRA views keep their network as .unet
+    module = getattr(network, "network", network)  # the LoRA views keep their network as .network
     if fsdp is None or not isinstance(module, fsdp.FSDPModule):
         yield
         return
