@@ -17,6 +17,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from smpo.models.lora import AdaptersOffView
+
 
 @contextlib.contextmanager
 def gathered(network: Any) -> Iterator[None]:
@@ -24,7 +26,7 @@ def gathered(network: Any) -> Iterator[None]:
     weights if it is sharded; afterwards each process again holds only its shards. Every process
     must enter and leave the block together (the gathering is collective). Unsharded: no-op."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
-    module = getattr(network, "network", network)  # the LoRA views keep their network as .network
+    module = network.network if isinstance(network, AdaptersOffView) else network  # a LoRA view: its network
     if fsdp is None or not isinstance(module, fsdp.FSDPModule):
         yield
         return
