@@ -6,10 +6,10 @@ judges with Bradley-Terry noise (the first image wins with probability
 a tie when the two utilities are closer than their ``tie_margin``. Their labels play the part of
 Pick-a-Pic's human labels: noisy, binary or tied, and inconsistent between raters.
 
-``label_pairs`` has one random rater label each pair of images and writes the pairs in the
-columns of Pick-a-Pic v2 (``jpg_0``/``jpg_1`` hold PNG bytes, lossless at 32x32), so that the
-``smpo label`` reader takes them as it takes the real dataset (``smpo world pairs``,
-:mod:`smpo.world.pairset`, samples the images).
+``label_pairs`` has one random rater label each pair of images and returns rows in the columns
+of Pick-a-Pic v2 (``jpg_0``/``jpg_1`` hold PNG bytes, lossless at 32x32), which ``write_parquet``
+writes, so that the ``smpo label`` reader takes them as it takes the real dataset (``smpo world
+pairs``, :mod:`smpo.world.pairset`, samples the images).
 """
 
 from __future__ import annotations
